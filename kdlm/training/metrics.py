@@ -1,0 +1,32 @@
+"""Metrics: one JSON object per line in RUN/metrics.jsonl, and the accelerate trackers (TensorBoard, W&B)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Append-only metrics file, written by the main process only; also forwards to accelerate's trackers."""
+
+    def __init__(self, accelerator, path: Path):
+        self.accelerator = accelerator
+        self.path = path
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        row = {"step": step, "time": round(time.time(), 3), **record}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.accelerator.log(numeric, step=step)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All rows of a metrics.jsonl file."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,64 @@
+"""Held-out figures of a student against its teacher, per counted token:
+
+- ce: the student's cross-entropy on the reference tokens (nats/token);
+- kl_to_teacher: KL(p_teacher || p_student) at temperature 1 (a true KL, teacher entropy included);
+- top1_agreement: share of positions where the student's argmax equals the teacher's;
+- teacher_ce: the teacher's own cross-entropy on the same tokens (a floor for reading `ce`).
+Both models run under the same autocast as training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from kdlm.data.dataset import Collator, Example
+from kdlm.losses.divergences import per_position_divergence
+from kdlm.losses.objective import lm_head_of
+from kdlm.training.step import Teacher, counted_positions, last_hidden
+
+
+@torch.no_grad()
+def validate(
+    student: torch.nn.Module,
+    teacher: Teacher,
+    examples: list[Example],
+    *,
+    collator: Collator,
+    batch_size: int,
+    vocab: int,
+    accelerator=None,
+    max_batches: Optional[int] = None,
+) -> dict[str, float]:
+    """Validation figures over `examples` (sharded across processes when an accelerator is given)."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    device = accelerator.device if accelerator else next(student.parameters()).device
+    head = lm_head_of(student, vocab)
+    was_training = student.training
+    student.eval()
+    totals = torch.zeros(5, dtype=torch.float64, device=device)  # ce, kl, agree, tokens, teacher ce
+    loader = DataLoader(examples[rank::world], batch_size=batch_size, collate_fn=collator)
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = {k: v.to(device) for k, v in batch.items()}
+        mask, targets = counted_positions(batch["labels"])
+        with accelerator.autocast() if accelerator else contextlib.nullcontext():
+            teacher_logits = teacher.logits(batch["input_ids"], batch["attention_mask"], mask)  # [N, V] fp32
+            hidden = last_hidden(student, batch["input_ids"], batch["attention_mask"])[:, :-1][mask]
+        student_logits = head.logits(hidden)  # [N, V] fp32
+        totals[0] += F.cross_entropy(student_logits, targets, reduction="sum").double()
+        totals[1] += per_position_divergence(student_logits, teacher_logits, "forward_kl").sum().double()
+        totals[2] += (student_logits.argmax(-1) == teacher_logits.argmax(-1)).sum()
+        totals[3] += targets.numel()
+        totals[4] += F.cross_entropy(teacher_logits, targets, reduction="sum").double()
+    if accelerator is not None and world > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+    student.train(was_training)
+    n = max(totals[3].item(), 1.0)
+    return {"ce": totals[0].item() / n, "kl_to_teacher": totals[1].item() / n,
+            "top1_agreement": totals[2].item() / n, "tokens": int(totals[3].item()), "teacher_ce": totals[4].item() / n}
