@@ -122,6 +122,8 @@ def cmd_init_student(args: argparse.Namespace) -> int:
     from kdlm.training.export import save_student_folder
 
     out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()):
         raise OutputError(f"{out}: output folder is not empty")
     keep: int | list[int] = args.layers

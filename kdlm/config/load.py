@@ -57,12 +57,14 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         nxt = parts[i + 1]
         if isinstance(node, list):
             node = node[_list_index(node, part, key)]
-            continue
-        if part == "loss" and isinstance(node.get("loss"), list):
-            node["loss"] = {"terms": node["loss"]}  # the bare-list form, normalised so loss.X can be set
-        if node.get(part) is None:
-            node[part] = [] if nxt.isdigit() else {}
-        node = node[part]
+        else:
+            if part == "loss" and isinstance(node.get("loss"), list):
+                node["loss"] = {"terms": node["loss"]}  # the bare-list form, normalised so loss.X can be set
+            if node.get(part) is None:
+                node[part] = [] if nxt.isdigit() else {}
+            node = node[part]
+        if not isinstance(node, (dict, list)):  # e.g. `train.max_steps.x=1`: a value, not a section or a list
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is {node!r}, not a section or a list")
     last = parts[-1]
     if isinstance(node, list):
         node[_list_index(node, last, key)] = value
