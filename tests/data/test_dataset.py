@@ -362,9 +362,11 @@ def test_collator_pads_right_to_a_multiple_of_8():
         Example("a:2", list(range(10, 20)), [IGNORE] * 4 + list(range(14, 20))),
     ]
     out = Collator(pad_token_id=3)(batch)
-    assert set(out) == {"input_ids", "attention_mask", "labels"}
+    assert {"input_ids", "attention_mask", "labels"} <= set(out)
     assert out["input_ids"].shape == out["labels"].shape == out["attention_mask"].shape == (2, 16)
-    assert all(t.dtype == torch.long for t in out.values())
+    assert all(out[k].dtype == torch.long for k in ("input_ids", "attention_mask", "labels"))
+    if "sample_ids" in out:  # the batch's sample ids, in row order (used for teacher-cache lookups)
+        assert out["sample_ids"] == ["a:1", "a:2"]
     assert out["input_ids"][0].tolist() == [5, 6, 7] + [3] * 13
     assert out["input_ids"][1].tolist() == list(range(10, 20)) + [3] * 6
     assert out["labels"][0].tolist() == [IGNORE, 6, 7] + [IGNORE] * 13
