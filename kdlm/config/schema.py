@@ -41,6 +41,14 @@ class TeacherConfig:
     dtype: DType = opt("auto", "Weights dtype. auto: bfloat16 on a GPU that supports it, float32 on CPU.")
     device: str = opt("auto", "Device for this model: auto (the process's accelerator device), cpu, cuda or cuda:N.")
     trust_remote_code: bool = opt(False, "Allow the model repository to run its own Python code. Off unless you trust it.")
+    source: Literal["live", "cache"] = opt(
+        "live", "live: run the teacher during training. cache: read its top-k log-probabilities from an offline "
+        "cache written by `kdlm cache-teacher` (the teacher is then not loaded at all)."
+    )
+    cache_dir: Optional[str] = opt(None, "Folder of the offline teacher cache. null: <output.dir>/teacher_cache.")
+    cache_top_k: int = opt(64, "Log-probabilities kept per position in the cache (the rest is one tail bucket).", ge=1, le=1024)
+    cache_temperature: float = opt(1.0, "Temperature at which the cache stores the teacher's distribution; "
+                                   "divergence terms must use the same temperature.", gt=0.0)
 
 
 @dataclass

@@ -95,13 +95,13 @@ def prepare_data(cfg: Any, tokenizer, *, seed: int) -> tuple[list[Example], list
 
 
 class Collator:
-    """Right-pad a list of Examples into tensors: input_ids, attention_mask, labels ([B, L])."""
+    """Right-pad a list of Examples into tensors: input_ids, attention_mask, labels ([B, L]), plus their sample ids."""
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8):
         self.pad_token_id = pad_token_id
         self.multiple = pad_to_multiple_of
 
-    def __call__(self, batch: list[Example]) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: list[Example]) -> dict:
         longest = max(len(ex.input_ids) for ex in batch)
         width = -(-longest // self.multiple) * self.multiple
         input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
@@ -112,4 +112,6 @@ class Collator:
             input_ids[row, :n] = torch.tensor(ex.input_ids)
             labels[row, :n] = torch.tensor(ex.labels)
             attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        # sample_ids: the examples in the order their scored positions appear (row-major), for cache lookups
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                "sample_ids": [ex.sample_id for ex in batch]}

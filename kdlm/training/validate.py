@@ -45,7 +45,7 @@ def validate(
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         mask, targets = counted_positions(batch["labels"])
         with accelerator.autocast() if accelerator else contextlib.nullcontext():
             teacher_logits = teacher.logits(batch["input_ids"], batch["attention_mask"], mask)  # [N, V] fp32
