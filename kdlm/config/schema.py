@@ -92,6 +92,11 @@ class DataConfig:
     completion_only: bool = opt(True, "Count only completion / assistant tokens in the loss. false: every token.")
     max_length: int = opt(1024, "Tokens per example; longer examples are truncated (and counted in the report).", ge=8)
     max_samples: Optional[int] = opt(None, "Use at most this many training rows (null: all).", ge=1)
+    packing: bool = opt(
+        False, "Pack several examples into each row (positions restart per example, attention stays inside it), "
+        "so no compute goes to padding. train.batch_size then counts packed rows."
+    )
+    pack_length: Optional[int] = opt(None, "Tokens per packed row (null: max_length).", ge=8)
     skip_bad_rows: bool = opt(False, "Skip and count malformed rows instead of stopping at the first one.")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -19,6 +19,8 @@ class Example:
     sample_id: str  # where the row came from (`file:line`); stable across shuffles and resumes
     input_ids: list[int]
     labels: list[int]
+    position_ids: Optional[list[int]] = None  # packed rows only: positions restart at 0 for each member
+    members: Optional[list[str]] = None  # packed rows only: sample ids of the examples in the row, in order
 
 
 @dataclass
@@ -95,7 +97,12 @@ def prepare_data(cfg: Any, tokenizer, *, seed: int) -> tuple[list[Example], list
 
 
 class Collator:
-    """Right-pad a list of Examples into tensors: input_ids, attention_mask, labels ([B, L]), plus their sample ids."""
+    """Right-pad Examples into a batch: input_ids, labels [B, L] and attention_mask [B, L], plus sample ids.
+
+    A batch of packed rows carries position_ids [B, L] instead of an attention mask: the padding
+    after a row's last member gets positions 0, 1, ... so it forms a block of its own, never attended
+    by real tokens. `sample_ids` lists the examples in the order their scored positions appear.
+    """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8):
         self.pad_token_id = pad_token_id
@@ -104,14 +111,22 @@ class Collator:
     def __call__(self, batch: list[Example]) -> dict:
         longest = max(len(ex.input_ids) for ex in batch)
         width = -(-longest // self.multiple) * self.multiple
+        packed = any(ex.position_ids is not None for ex in batch)
         input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        position_ids = torch.zeros((len(batch), width), dtype=torch.long)
         for row, ex in enumerate(batch):
             n = len(ex.input_ids)
             input_ids[row, :n] = torch.tensor(ex.input_ids)
             labels[row, :n] = torch.tensor(ex.labels)
             attention_mask[row, :n] = 1
-        # sample_ids: the examples in the order their scored positions appear (row-major), for cache lookups
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                "sample_ids": [ex.sample_id for ex in batch]}
+            position_ids[row, :n] = torch.tensor(ex.position_ids if ex.position_ids is not None else range(n))
+            position_ids[row, n:] = torch.arange(width - n)
+        out = {"input_ids": input_ids, "labels": labels,
+               "sample_ids": [sid for ex in batch for sid in (ex.members or [ex.sample_id])]}
+        if packed:
+            out["position_ids"] = position_ids
+        else:
+            out["attention_mask"] = attention_mask
+        return out

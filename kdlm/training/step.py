@@ -28,9 +28,17 @@ def counted_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
     return mask, shifted[mask]
 
 
-def last_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def model_inputs(batch: dict) -> dict[str, Tensor]:
+    """What the model's forward takes from a batch: ids, and an attention mask (padded) or position ids (packed)."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def last_hidden(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
     """The decoder's final hidden states [B, L, H], without computing the [B, L, V] logits."""
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    out = model.base_model(**inputs, use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
@@ -42,9 +50,9 @@ class Teacher:
         self.head = lm_head_of(model, vocab)
 
     @torch.no_grad()
-    def logits(self, input_ids: Tensor, attention_mask: Tensor, mask: Tensor) -> Tensor:
-        """Teacher logits at the counted positions: [N, V] fp32."""
-        hidden = last_hidden(self.model, input_ids, attention_mask)[:, :-1][mask]  # [N, H_teacher]
+    def logits(self, inputs: dict[str, Tensor], mask: Tensor) -> Tensor:
+        """Teacher logits at the counted positions (`mask` [B, L-1]): [N, V] fp32."""
+        hidden = last_hidden(self.model, inputs)[:, :-1][mask]  # [N, H_teacher]
         return self.head.logits(hidden)
 
 
@@ -64,11 +72,14 @@ class DistillationModule(nn.Module):
     def forward(
         self,
         input_ids: Tensor,
-        attention_mask: Tensor,
         labels: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
         teacher_logits: Optional[Tensor] = None,
     ) -> dict[str, Tensor]:
         mask, targets = counted_positions(labels)
-        hidden = last_hidden(self.student, input_ids, attention_mask)[:, :-1][mask]  # [N, H] (autocast dtype)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        hidden = last_hidden(self.student, inputs)[:, :-1][mask]  # [N, H] (autocast dtype)
         student_logits = self.head.logits(hidden)  # [N, V] fp32
         return term_sums(student_logits, teacher_logits, targets, self.terms)

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from kdlm.config import Recipe, dump_yaml, to_dict
-from kdlm.data import Collator, DataReport, Example, prepare_data
+from kdlm.data import Collator, DataReport, prepare_data
+from kdlm.data.packing import pack_examples
 from kdlm.errors import ModelError, OutputError
 from kdlm.losses.objective import resolve_terms, weighted_total
 from kdlm.models.compat import shared_vocab_size
@@ -30,7 +31,7 @@ from kdlm.models.loading import load_model, load_tokenizer, resolve_device, reso
 from kdlm.training.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
 from kdlm.training.export import model_card, save_student_folder
 from kdlm.training.metrics import MetricsLog
-from kdlm.training.step import DistillationModule, Teacher, counted_positions
+from kdlm.training.step import DistillationModule, Teacher, counted_positions, model_inputs
 from kdlm.training.validate import validate
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,11 @@ def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[
 
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
     collator = Collator(tokenizer.pad_token_id)
+    if recipe.data.packing:
+        pack_length = recipe.data.pack_length or recipe.data.max_length
+        train_set, val_set = pack_examples(train_set, pack_length), pack_examples(val_set, pack_length)
+        if main:
+            print(f"kdlm: packed into {len(train_set)} train / {len(val_set)} validation rows of <= {pack_length} tokens")
     loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, collate_fn=collator,
                         num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
     module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
@@ -232,8 +238,8 @@ def accumulate_gradients(module, teacher: Optional[Teacher], micro: list[dict], 
             with accelerator.autocast():
                 if teacher is not None:
                     mask, _ = counted_positions(mb["labels"])
-                    teacher_logits = teacher.logits(mb["input_ids"], mb["attention_mask"], mask)  # [N, V] fp32
-                sums = module(mb["input_ids"], mb["attention_mask"], mb["labels"], teacher_logits)
+                    teacher_logits = teacher.logits(model_inputs(mb), mask)  # [N, V] fp32
+                sums = module(labels=mb["labels"], teacher_logits=teacher_logits, **model_inputs(mb))
             # DDP averages gradients over processes, so scale by world size: the result is sum / global count
             loss = weighted_total(sums, terms) * accelerator.num_processes / global_count
             accelerator.backward(loss)

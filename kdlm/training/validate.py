@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from kdlm.data.dataset import Collator, Example
 from kdlm.losses.divergences import per_position_divergence
 from kdlm.losses.objective import lm_head_of
-from kdlm.training.step import Teacher, counted_positions, last_hidden
+from kdlm.training.step import Teacher, counted_positions, last_hidden, model_inputs
 
 
 @torch.no_grad()
@@ -48,8 +48,8 @@ def validate(
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         mask, targets = counted_positions(batch["labels"])
         with accelerator.autocast() if accelerator else contextlib.nullcontext():
-            teacher_logits = teacher.logits(batch["input_ids"], batch["attention_mask"], mask)  # [N, V] fp32
-            hidden = last_hidden(student, batch["input_ids"], batch["attention_mask"])[:, :-1][mask]
+            teacher_logits = teacher.logits(model_inputs(batch), mask)  # [N, V] fp32
+            hidden = last_hidden(student, model_inputs(batch))[:, :-1][mask]
         student_logits = head.logits(hidden)  # [N, V] fp32
         totals[0] += F.cross_entropy(student_logits, targets, reduction="sum").double()
         totals[1] += per_position_divergence(student_logits, teacher_logits, "forward_kl").sum().double()

@@ -9,7 +9,7 @@ from kdlm.config import LossConfig, LossTerm
 from kdlm.data import Collator, Example
 from kdlm.losses.objective import resolve_terms, weighted_total
 from kdlm.models.loading import load_model, resolve_source
-from kdlm.training.step import DistillationModule, Teacher, counted_positions
+from kdlm.training.step import DistillationModule, Teacher, counted_positions, model_inputs
 from kdlm.training.trainer import accumulate_gradients
 
 
@@ -74,8 +74,8 @@ def test_accumulation_normalises_by_the_global_token_count(parts):
     for half in (examples[:2], examples[2:]):
         batch = collate(half)
         mask, _ = counted_positions(batch["labels"])
-        sums = module(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                      teacher.logits(batch["input_ids"], batch["attention_mask"], mask))
+        sums = module(labels=batch["labels"], teacher_logits=teacher.logits(model_inputs(batch), mask),
+                      **model_inputs(batch))
         (weighted_total(sums, terms) / mask.sum() / 2).backward()
     assert not torch.allclose(_grads(module), one_batch, rtol=1e-3, atol=0)
 
