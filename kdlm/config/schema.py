@@ -140,7 +140,8 @@ class TrainConfig:
     warmup_steps: int = opt(0, "Linear warmup steps.", ge=0)
     max_grad_norm: float = opt(1.0, "Gradient clipping norm; 0 disables clipping.", ge=0.0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt(
-        "auto", "Autocast precision. auto: bf16 on a GPU that supports it, else no. bf16 also runs on CPUs with AVX512-BF16/AMX."
+        "auto", "Autocast precision. auto: bf16 on a GPU that supports it and on CPUs with native bf16 (AVX512-BF16/AMX), "
+        "else no. LM-head logits and losses are fp32 in every case."
     )
     gradient_checkpointing: bool = opt(False, "Recompute student activations in backward to save memory.")
     seed: int = opt(42, "Seed for model init, data order and sampling.")

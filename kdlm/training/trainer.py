@@ -26,6 +26,7 @@ from kdlm.data.packing import pack_examples
 from kdlm.errors import ModelError, OutputError
 from kdlm.losses.objective import resolve_terms, weighted_total
 from kdlm.models.compat import shared_vocab_size
+from kdlm.models.generate import cpu_has_fast_bf16
 from kdlm.models.init_student import keep_layers, parameter_count
 from kdlm.models.loading import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
 from kdlm.training.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -60,8 +61,14 @@ def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
 
+    from accelerate.state import AcceleratorState, GradientState
+
     out = Path(recipe.output.dir)
     cfg = recipe.train
+    # accelerate keeps process-wide singletons; a second run in the same Python process (the API, tests,
+    # notebooks) may want another precision. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     accelerator = Accelerator(
         mixed_precision=_mixed_precision(cfg.mixed_precision),
         log_with=list(cfg.report_to) or None,
@@ -290,11 +297,15 @@ def _check_output_dir(out: Path, recipe: Recipe, resume: bool) -> bool:
 
 
 def _mixed_precision(setting: str) -> str:
+    """`auto`: bf16 autocast on a GPU that supports it, and on CPUs with native bf16 (AVX512-BF16 / AMX), where
+    bf16 matmuls are several times faster; otherwise none. LM-head logits and losses stay fp32 either way."""
     if setting != "auto":
         if setting == "fp16" and not torch.cuda.is_available():
             raise ModelError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU")
         return setting
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_has_fast_bf16() else "no"
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
