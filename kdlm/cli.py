@@ -4,6 +4,7 @@
     kdlm init-student --teacher MODEL --layers N --output DIR
     kdlm quickstart [--output DIR]
     kdlm check RECIPE.yaml [--set key=value ...]     validate and print the resolved recipe
+    kdlm report RUN_OR_EVAL_DIR ... -o DIR           Markdown + HTML report of runs and evaluations
     kdlm config-reference [--output FILE]            the generated recipe reference (Markdown)
 
 Bad input ends with one line `kdlm: error: ...` on stderr and exit status 2.
@@ -48,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="distil the bundled SmolLM2-135M-Instruct into a 10-layer student (CPU, minutes)")
     p.add_argument("--output", default="runs/quickstart", help="run folder (default: runs/quickstart)")
     _add_set(p)
+
+    from kdlm.report.cli import add_report_parser
+
+    add_report_parser(sub)
 
     p = sub.add_parser("config-reference", help="print the recipe reference generated from the config classes")
     p.add_argument("--output", help="write to this file instead of stdout")
@@ -181,8 +186,15 @@ def _print_result(result) -> None:
             print(f"{name:18} {m['ce']:8.4f} {m['kl_to_teacher']:8.4f} {m['top1_agreement']:7.2%}")
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from kdlm.report.cli import run_report_command
+
+    return run_report_command(args)
+
+
 COMMANDS = {
     "distill": cmd_distill,
+    "report": cmd_report,
     "check": cmd_check,
     "init-student": cmd_init_student,
     "quickstart": cmd_quickstart,
