@@ -4,6 +4,7 @@
     kdlm init-student --teacher MODEL --layers N --output DIR
     kdlm quickstart [--output DIR]
     kdlm check RECIPE.yaml [--set key=value ...]     validate and print the resolved recipe
+    kdlm plan RECIPE.yaml [--set key=value ...]      estimate peak memory and speed before a run
     kdlm report RUN_OR_EVAL_DIR ... -o DIR           Markdown + HTML report of runs and evaluations
     kdlm config-reference [--output FILE]            the generated recipe reference (Markdown)
 
@@ -32,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.add_argument("--resume", action="store_true", help="continue the run in output.dir from its latest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+
+    p = sub.add_parser("plan", help="estimate a run's peak memory and speed on this device, and suggest settings")
+    p.add_argument("recipe", help="recipe YAML file")
+    _add_set(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     p = sub.add_parser("check", help="validate a recipe and print it fully resolved; loads no model")
     p.add_argument("recipe", help="recipe YAML file")
@@ -110,6 +116,15 @@ def cmd_distill(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     result = distill(recipe, resume=args.resume, show_progress=not args.no_progress)
     _print_result(result)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from kdlm.config import load_recipe
+    from kdlm.training.plan import estimate, render, to_json
+
+    plan = estimate(load_recipe(args.recipe, args.overrides))
+    print(to_json(plan) if args.json else render(plan))
     return 0
 
 
@@ -196,6 +211,7 @@ COMMANDS = {
     "distill": cmd_distill,
     "report": cmd_report,
     "check": cmd_check,
+    "plan": cmd_plan,
     "init-student": cmd_init_student,
     "quickstart": cmd_quickstart,
     "config-reference": cmd_config_reference,

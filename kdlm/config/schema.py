@@ -123,6 +123,9 @@ class LossConfig:
     temperature: float = opt(1.0, "Default temperature for divergence terms that do not set one.", gt=0.0)
     beta: float = opt(0.5, "Default jsd beta (teacher's weight in the mixture; 0.5 = symmetric JSD).", ge=0.0, le=1.0)
     skew: float = opt(0.1, "Default skew for skew_forward_kl / skew_reverse_kl (DistiLLM uses 0.1).", ge=0.0, lt=1.0)
+    fused: bool = opt(True, "Compute the LM head and the losses chunk by chunk, never holding [tokens, vocab] logits "
+                      "for all tokens (same values and gradients as the unfused path).")
+    chunk_mb: int = opt(256, "Byte budget (MiB) of one chunk's [rows, vocab] buffers on the fused path.", ge=1)
 
 
 @dataclass

@@ -25,6 +25,18 @@ class MetricsLog:
         self.accelerator.log(numeric, step=step)
 
 
+def peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory of this process so far (Linux ru_maxrss is in KiB), and peak CUDA memory if used."""
+    import resource
+
+    import torch
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """All rows of a metrics.jsonl file."""
     if not path.is_file():

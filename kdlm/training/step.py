@@ -8,13 +8,15 @@ weights a sharded run only materialises inside forward.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from kdlm.data.encode import IGNORE
-from kdlm.losses.objective import LMHead, Term, lm_head_of, term_sums
+from kdlm.losses.fused import DEFAULT_CHUNK_BYTES, TOTAL_KEY, fused_sums
+from kdlm.losses.objective import LMHead, Term, lm_head_of, term_sums, weighted_total
 
 
 def counted_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -42,6 +44,15 @@ def last_hidden(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+@dataclass
+class TeacherRows:
+    """The teacher's signal for a batch, at the counted positions: its last hidden states and LM head.
+    Logits are computed from them inside the loss, chunk by chunk on the fused path."""
+
+    hidden: Tensor  # [N, H_teacher], no grad
+    head: LMHead
+
+
 class Teacher:
     """A frozen teacher: eval mode, no gradients, never saved, never wrapped by DDP."""
 
@@ -50,20 +61,33 @@ class Teacher:
         self.head = lm_head_of(model, vocab)
 
     @torch.no_grad()
+    def rows(self, inputs: dict[str, Tensor], mask: Tensor) -> TeacherRows:
+        """The teacher's hidden states at the counted positions (`mask` [B, L-1])."""
+        return TeacherRows(last_hidden(self.model, inputs)[:, :-1][mask], self.head)  # [N, H_teacher]
+
+    @torch.no_grad()
     def logits(self, inputs: dict[str, Tensor], mask: Tensor) -> Tensor:
-        """Teacher logits at the counted positions (`mask` [B, L-1]): [N, V] fp32."""
-        hidden = last_hidden(self.model, inputs)[:, :-1][mask]  # [N, H_teacher]
-        return self.head.logits(hidden)
+        """Teacher logits at the counted positions: [N, V] fp32 (the unfused path)."""
+        rows = self.rows(inputs, mask)
+        return rows.head.logits(rows.hidden)
 
 
 class DistillationModule(nn.Module):
-    """The student and the objective in one forward. Returns per-term sums over counted tokens."""
+    """The student and the objective in one forward.
 
-    def __init__(self, student: nn.Module, terms: list[Term], vocab: int):
+    Returns the per-term sums over counted tokens (detached, for logging) and, under TOTAL_KEY,
+    the weighted total that carries the gradient. With `fused`, the LM head and the losses run
+    chunk by chunk (kdlm.losses.fused) and no [N, V] logits exist at once.
+    """
+
+    def __init__(self, student: nn.Module, terms: list[Term], vocab: int, *, fused: bool = True,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         super().__init__()
         self.student = student
         self.terms = terms
         self.vocab = vocab
+        self.fused = fused
+        self.chunk_bytes = chunk_bytes
 
     @property
     def head(self) -> LMHead:
@@ -75,11 +99,16 @@ class DistillationModule(nn.Module):
         labels: Tensor,
         attention_mask: Optional[Tensor] = None,
         position_ids: Optional[Tensor] = None,
-        teacher_logits: Optional[Tensor] = None,
+        teacher: Optional[TeacherRows] = None,
     ) -> dict[str, Tensor]:
         mask, targets = counted_positions(labels)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         inputs = {k: v for k, v in inputs.items() if v is not None}
         hidden = last_hidden(self.student, inputs)[:, :-1][mask]  # [N, H] (autocast dtype)
+        if self.fused:
+            return fused_sums(hidden, self.head, teacher.hidden if teacher else None, teacher.head if teacher else None,
+                              targets, self.terms, chunk_bytes=self.chunk_bytes)
         student_logits = self.head.logits(hidden)  # [N, V] fp32
-        return term_sums(student_logits, teacher_logits, targets, self.terms)
+        teacher_logits = teacher.head.logits(teacher.hidden) if teacher is not None else None
+        sums = term_sums(student_logits, teacher_logits, targets, self.terms)
+        return {**{k: v.detach() for k, v in sums.items()}, TOTAL_KEY: weighted_total(sums, self.terms)}

@@ -24,14 +24,15 @@ from kdlm.config import Recipe, dump_yaml, to_dict
 from kdlm.data import Collator, DataReport, prepare_data
 from kdlm.data.packing import pack_examples
 from kdlm.errors import ModelError, OutputError
-from kdlm.losses.objective import resolve_terms, weighted_total
+from kdlm.losses.fused import TOTAL_KEY
+from kdlm.losses.objective import resolve_terms
 from kdlm.models.compat import shared_vocab_size
 from kdlm.models.generate import cpu_has_fast_bf16
 from kdlm.models.init_student import keep_layers, parameter_count
 from kdlm.models.loading import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
 from kdlm.training.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
 from kdlm.training.export import model_card, save_student_folder
-from kdlm.training.metrics import MetricsLog
+from kdlm.training.metrics import MetricsLog, peak_memory_mb
 from kdlm.training.step import DistillationModule, Teacher, counted_positions, model_inputs
 from kdlm.training.validate import validate
 
@@ -120,7 +121,7 @@ def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[
     needs_teacher = any(t.needs_teacher for t in terms)
 
     # 4. optimisation
-    module = DistillationModule(student, terms, vocab)
+    module = DistillationModule(student, terms, vocab, fused=recipe.loss.fused, chunk_bytes=recipe.loss.chunk_mb * 2**20)
     optimizer = torch.optim.AdamW(_param_groups(student, cfg.weight_decay), lr=cfg.learning_rate,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2))
     from transformers import get_scheduler
@@ -154,7 +155,8 @@ def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[
 
     def run_validation() -> dict:
         return validate(accelerator.unwrap_model(module).student, teacher, val_set, collator=collator,
-                        batch_size=cfg.batch_size, vocab=vocab, accelerator=accelerator, max_batches=cfg.eval_batches)
+                        batch_size=cfg.batch_size, vocab=vocab, accelerator=accelerator, max_batches=cfg.eval_batches,
+                        chunk_bytes=recipe.loss.chunk_mb * 2**20)
 
     before = state.get("before") or (run_validation() if val_set else {})
     state["before"] = before
@@ -220,7 +222,8 @@ def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[
         card = model_card(recipe, steps=state["step"], student_init=student_init, data_summary=report.summary(),
                           before=before, after=after) if after else f"# Distilled student\n\nTeacher: {recipe.teacher.model}\n"
         save_student_folder(accelerator.unwrap_model(module).student, tokenizer, model_dir, card)
-        atomic_write_text(out / "final_metrics.json", _json({"steps": state["step"], "before": before, "after": after}))
+        atomic_write_text(out / "final_metrics.json", _json({"steps": state["step"], "before": before, "after": after,
+                                                             "memory": peak_memory_mb()}))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return RunResult(out, model_dir, state["step"], before, after, report, history)
@@ -241,17 +244,16 @@ def accumulate_gradients(module, teacher: Optional[Teacher], micro: list[dict], 
         # skip DDP's gradient all-reduce until the last micro-batch
         sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(module)
         with sync:
-            teacher_logits = None
             with accelerator.autocast():
+                teacher_rows = None
                 if teacher is not None:
-                    mask, _ = counted_positions(mb["labels"])
-                    teacher_logits = teacher.logits(model_inputs(mb), mask)  # [N, V] fp32
-                sums = module(labels=mb["labels"], teacher_logits=teacher_logits, **model_inputs(mb))
+                    teacher_rows = teacher.rows(model_inputs(mb), counted_positions(mb["labels"])[0])  # [N, H_t]
+                sums = module(labels=mb["labels"], teacher=teacher_rows, **model_inputs(mb))
             # DDP averages gradients over processes, so scale by world size: the result is sum / global count
-            loss = weighted_total(sums, terms) * accelerator.num_processes / global_count
+            loss = sums[TOTAL_KEY] * accelerator.num_processes / global_count
             accelerator.backward(loss)
-        for label, value in sums.items():
-            term_totals[label] = term_totals.get(label, 0) + value.detach()
+        for term in terms:
+            term_totals[term.label] = term_totals.get(term.label, 0) + sums[term.label]
     return term_totals, global_count, local
 
 

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from kdlm.data.dataset import Collator, Example
 from kdlm.losses.divergences import per_position_divergence
+from kdlm.losses.fused import DEFAULT_CHUNK_BYTES, chunk_rows
 from kdlm.losses.objective import lm_head_of
 from kdlm.training.step import Teacher, counted_positions, last_hidden, model_inputs
 
@@ -33,11 +34,13 @@ def validate(
     vocab: int,
     accelerator=None,
     max_batches: Optional[int] = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> dict[str, float]:
     """Validation figures over `examples` (sharded across processes when an accelerator is given)."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = accelerator.device if accelerator else next(student.parameters()).device
     head = lm_head_of(student, vocab)
+    rows_per_chunk = chunk_rows(vocab, ["ce", "forward_kl"], chunk_bytes=chunk_bytes)
     was_training = student.training
     student.eval()
     totals = torch.zeros(5, dtype=torch.float64, device=device)  # ce, kl, agree, tokens, teacher ce
@@ -48,14 +51,18 @@ def validate(
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         mask, targets = counted_positions(batch["labels"])
         with accelerator.autocast() if accelerator else contextlib.nullcontext():
-            teacher_logits = teacher.logits(model_inputs(batch), mask)  # [N, V] fp32
-            hidden = last_hidden(student, model_inputs(batch))[:, :-1][mask]
-        student_logits = head.logits(hidden)  # [N, V] fp32
-        totals[0] += F.cross_entropy(student_logits, targets, reduction="sum").double()
-        totals[1] += per_position_divergence(student_logits, teacher_logits, "forward_kl").sum().double()
-        totals[2] += (student_logits.argmax(-1) == teacher_logits.argmax(-1)).sum()
+            teacher_rows = teacher.rows(model_inputs(batch), mask)  # [N, H_teacher]
+            hidden = last_hidden(student, model_inputs(batch))[:, :-1][mask]  # [N, H]
+        # a chunk of rows at a time: never [N, V] logits for the whole batch
+        for start in range(0, targets.numel(), rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            student_logits = head.logits(hidden[rows])  # [n, V] fp32
+            teacher_logits = teacher_rows.head.logits(teacher_rows.hidden[rows])  # [n, V] fp32
+            totals[0] += F.cross_entropy(student_logits, targets[rows], reduction="sum").double()
+            totals[1] += per_position_divergence(student_logits, teacher_logits, "forward_kl").sum().double()
+            totals[2] += (student_logits.argmax(-1) == teacher_logits.argmax(-1)).sum()
+            totals[4] += F.cross_entropy(teacher_logits, targets[rows], reduction="sum").double()
         totals[3] += targets.numel()
-        totals[4] += F.cross_entropy(teacher_logits, targets, reduction="sum").double()
     if accelerator is not None and world > 1:
         totals = accelerator.reduce(totals, reduction="sum")
     student.train(was_training)

@@ -7,6 +7,7 @@ import torch
 from kdlm.config import LossConfig, LossTerm
 from kdlm.data import Collator, Example
 from kdlm.data.packing import pack_examples
+from kdlm.losses.fused import TOTAL_KEY
 from kdlm.losses.objective import resolve_terms
 from kdlm.models.loading import load_model, resolve_source
 from kdlm.training.step import DistillationModule, Teacher, counted_positions, model_inputs
@@ -55,10 +56,10 @@ def test_packed_loss_and_gradients_equal_unpacked(tiny_model_dir):
     def run(batch):
         module.zero_grad()
         mask, _ = counted_positions(batch["labels"])
-        sums = module(labels=batch["labels"], teacher_logits=teacher.logits(model_inputs(batch), mask), **model_inputs(batch))
-        sum(sums.values()).backward()
+        sums = module(labels=batch["labels"], teacher=teacher.rows(model_inputs(batch), mask), **model_inputs(batch))
+        sums[TOTAL_KEY].backward()
         grads = torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None])
-        return {k: v.detach() for k, v in sums.items()}, grads, int(mask.sum())
+        return {k: v.detach() for k, v in sums.items() if k != TOTAL_KEY}, grads, int(mask.sum())
 
     collate = Collator(pad_token_id=0)
     padded_sums, padded_grads, padded_count = run(collate(_examples()))

@@ -1,0 +1,281 @@
+"""`kdlm plan RECIPE`: peak memory and speed of a run, estimated before it starts.
+
+Nothing heavy is loaded: parameter counts come from the safetensors headers (or the
+config), token statistics from the recipe's data (a sample of it), and the device's
+matmul speed from a short measurement. The memory model, per process:
+
+    baseline       the Python process with torch + transformers imported (measured here)
+    teacher        teacher weights (absent with teacher.source: cache) + autocast copies
+    student        fp32 master weights + gradients + AdamW's two moments (16 bytes/param)
+                   + autocast's low-precision weight copies
+    activations    student activations kept for backward: per token per layer
+                   (6H + 2*kv + 4I) elements in the autocast dtype + 2H fp32 (residual
+                   stream and norm inputs); with gradient checkpointing only the layer
+                   inputs plus one layer's activations
+    teacher pass   one layer's transient activations under no_grad + the counted rows' hidden
+    loss           fused: the chunk budget + [V, H] fp32 gradient accumulators;
+                   unfused: ~10 fp32 [N_counted, V] buffers
+The sum is compared with what the run measures (`final_metrics.json` memory.peak_rss_mb).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from kdlm.config import Recipe
+from kdlm.data import prepare_data
+from kdlm.data.encode import IGNORE
+from kdlm.data.packing import pack_examples
+from kdlm.losses.fused import chunk_rows
+from kdlm.losses.objective import resolve_terms
+from kdlm.models.loading import load_tokenizer, resolve_source
+
+MiB = 2**20
+
+
+@dataclass
+class ModelShape:
+    """What the memory and FLOP models need to know about a causal LM."""
+
+    params: int  # every parameter, tied weights once
+    embedding_params: int  # input embedding (+ untied output head)
+    layers: int
+    hidden: int
+    intermediate: int
+    kv_dim: int
+    vocab: int
+
+    @property
+    def body_params(self) -> int:
+        return self.params - self.embedding_params
+
+
+@dataclass
+class Plan:
+    memory_mb: dict[str, float] = field(default_factory=dict)
+    total_mb: float = 0.0
+    available_mb: Optional[float] = None
+    tokens_per_s: float = 0.0  # counted (supervised) tokens per second, estimated
+    step_seconds: float = 0.0
+    device: str = "cpu"
+    data: dict[str, float] = field(default_factory=dict)
+    suggestions: list[str] = field(default_factory=list)
+
+
+def model_shape(name: str, gguf_file: Optional[str] = None, keep_layers: Any = None) -> ModelShape:
+    """Shape of a model from its config and safetensors headers, without loading weights."""
+    from transformers import AutoConfig
+
+    source = resolve_source(name, gguf_file)
+    config = AutoConfig.from_pretrained(source.path, **source.kwargs)
+    config = getattr(config, "text_config", None) or config
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_dim = getattr(config, "num_key_value_heads", heads) * head_dim
+    intermediate = getattr(config, "intermediate_size", 4 * hidden)
+    tied = getattr(config, "tie_word_embeddings", True)
+    embedding = config.vocab_size * hidden * (1 if tied else 2)
+    per_layer = hidden * (hidden + 2 * kv_dim) + heads * head_dim * hidden + 3 * hidden * intermediate + 2 * hidden
+    counted = _safetensors_params(Path(source.path)) if Path(source.path).is_dir() and not source.gguf_file else None
+    total = counted if counted else embedding + layers * per_layer + hidden
+    if keep_layers is not None:
+        kept = keep_layers if isinstance(keep_layers, int) else len(keep_layers)
+        total -= (layers - kept) * per_layer
+        layers = kept
+    return ModelShape(total, embedding, layers, hidden, intermediate, kv_dim, config.vocab_size)
+
+
+def _safetensors_params(folder: Path) -> Optional[int]:
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            for key in fh.keys():
+                total += _prod(fh.get_slice(key).get_shape())
+    return total
+
+
+def _prod(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
+def measure_matmul_gflops(dtype: torch.dtype, device: torch.device, size: int = 1024, seconds: float = 0.3) -> float:
+    """Sustained matmul throughput of this device in `dtype` (a short loop of size x size products)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    a @ b  # warm-up
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * n / (time.perf_counter() - start) / 1e9
+
+
+def data_statistics(recipe: Recipe, tokenizer, sample: int = 2000) -> dict[str, float]:
+    """Tokens per micro-batch as the run will see them (padding or packing included), and the counted share."""
+    cfg = recipe.data
+    limited = type(cfg)(**{**asdict(cfg), "max_samples": min(cfg.max_samples or sample, sample)})
+    train, _, _ = prepare_data(limited, tokenizer, seed=recipe.train.seed)
+    lengths = [len(ex.input_ids) for ex in train]
+    counted = sum(sum(label != IGNORE for label in ex.labels[1:]) for ex in train)
+    batch = recipe.train.batch_size
+    if cfg.packing:
+        rows = pack_examples(train, cfg.pack_length or cfg.max_length)
+        row_tokens = sum(lengths) / max(len(rows), 1)
+        width = max(len(r.input_ids) for r in rows)
+        tokens_per_batch = batch * width  # rows are padded to the longest row of the batch
+        counted_per_batch = counted / max(len(rows), 1) * batch
+    else:
+        row_tokens = sum(lengths) / len(lengths)
+        # right padding to the longest of a random batch: estimate with the mean of the batch maxima
+        g = torch.Generator().manual_seed(0)
+        perm = torch.randperm(len(lengths), generator=g).tolist()
+        maxima = [max(lengths[i] for i in perm[s:s + batch]) for s in range(0, len(perm), batch)]
+        width = sum(maxima) / len(maxima)
+        tokens_per_batch = batch * width
+        counted_per_batch = counted / len(lengths) * batch
+    return {"examples_sampled": len(train), "mean_tokens_per_row": row_tokens, "mean_padded_width": width,
+            "tokens_per_micro_batch": tokens_per_batch, "counted_per_micro_batch": counted_per_batch}
+
+
+def estimate(recipe: Recipe, *, device: Optional[torch.device] = None) -> Plan:
+    """The plan for `recipe` on `device` (default: CUDA if present, else CPU)."""
+    from kdlm.models.generate import cpu_has_fast_bf16
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    plan = Plan(device=str(device))
+    tokenizer = load_tokenizer(resolve_source(recipe.student.model, recipe.student.gguf_file))
+    plan.data = data_statistics(recipe, tokenizer)
+    cached = recipe.teacher.source == "cache"
+    teacher = model_shape(recipe.teacher.model, recipe.teacher.gguf_file)
+    student = model_shape(recipe.student.model, recipe.student.gguf_file, recipe.student.keep_layers)
+    terms = resolve_terms(recipe.loss)
+    mixed = recipe.train.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if (device.type == "cuda" and torch.cuda.is_bf16_supported()) or (
+            device.type == "cpu" and cpu_has_fast_bf16()) else "no"
+    act_bytes = 4 if mixed == "no" else 2
+    teacher_bytes = 2 if recipe.teacher.dtype in ("bfloat16", "float16") or (
+        recipe.teacher.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()) else 4
+    tokens = plan.data["tokens_per_micro_batch"]
+    counted = plan.data["counted_per_micro_batch"]
+
+    mem = plan.memory_mb
+    mem["baseline (python, torch, transformers)"] = _current_rss_mb() if device.type == "cpu" else 0.0
+    if not cached:
+        mem["teacher weights"] = teacher.params * teacher_bytes / MiB
+        if act_bytes == 2 and teacher_bytes == 4:
+            mem["teacher autocast weight copies"] = teacher.body_params * 2 / MiB
+    mem["student weights + grads + AdamW"] = student.params * 16 / MiB
+    if act_bytes == 2:
+        mem["student autocast weight copies"] = student.body_params * 2 / MiB
+    per_token_layer = (6 * student.hidden + 2 * student.kv_dim + 4 * student.intermediate) * act_bytes + 2 * student.hidden * 4
+    if recipe.train.gradient_checkpointing:
+        activations = tokens * (student.layers * student.hidden * act_bytes + per_token_layer)
+    else:
+        activations = tokens * student.layers * per_token_layer
+    mem["student activations"] = activations / MiB
+    if not cached:
+        mem["teacher forward (transient)"] = tokens * ((3 * teacher.intermediate + 4 * teacher.hidden) * act_bytes) / MiB \
+            + counted * teacher.hidden * 4 / MiB
+    vocab = min(teacher.vocab, student.vocab)
+    if recipe.loss.fused:
+        rows = chunk_rows(vocab, [t.name for t in terms], chunk_bytes=recipe.loss.chunk_mb * MiB)
+        loss = min(rows, counted) * vocab * 4 * 10 + 2 * vocab * student.hidden * 4
+    else:
+        loss = counted * vocab * 4 * 10
+    mem["loss (LM head + divergences)"] = loss / MiB
+    plan.total_mb = sum(mem.values())
+    plan.available_mb = _available_mb(device)
+
+    # speed: a FLOP model against this device's measured matmul rate
+    peak = measure_matmul_gflops(torch.bfloat16 if act_bytes == 2 else torch.float32, device) * 1e9
+    efficiency = 0.35 if device.type == "cpu" else 0.4  # achieved / matmul peak for whole training steps (measured)
+    flops = 6 * student.body_params * tokens + 6 * vocab * student.hidden * counted
+    if not cached:
+        flops += 2 * teacher.body_params * tokens + 2 * vocab * teacher.hidden * counted
+    accum = recipe.train.grad_accum
+    plan.step_seconds = flops * accum / (peak * efficiency)
+    plan.tokens_per_s = counted * accum / plan.step_seconds
+    plan.suggestions = _suggest(recipe, plan, mem, cached)
+    return plan
+
+
+def _suggest(recipe: Recipe, plan: Plan, mem: dict[str, float], cached: bool) -> list[str]:
+    out = []
+    if plan.available_mb and plan.total_mb > 0.9 * plan.available_mb:
+        out.append(f"estimated peak {plan.total_mb:,.0f} MiB exceeds 90% of the {plan.available_mb:,.0f} MiB available:")
+        if not recipe.train.gradient_checkpointing and mem["student activations"] > 0.2 * plan.total_mb:
+            out.append("  set train.gradient_checkpointing: true (activations are the largest part)")
+        if recipe.train.batch_size > 1:
+            out.append(f"  lower train.batch_size (now {recipe.train.batch_size}) and raise train.grad_accum to keep the tokens per step")
+        if not cached and mem.get("teacher weights", 0) > 0.25 * plan.total_mb:
+            out.append("  cache the teacher (`kdlm cache-teacher`, teacher.source: cache): its weights are not loaded then")
+    if not recipe.loss.fused:
+        out.append("set loss.fused: true: the unfused loss holds ~10 [tokens, vocab] fp32 buffers")
+    if not recipe.data.packing and plan.data["mean_padded_width"] > 1.15 * plan.data["mean_tokens_per_row"]:
+        waste = 1 - plan.data["mean_tokens_per_row"] / plan.data["mean_padded_width"]
+        out.append(f"set data.packing: true: about {waste:.0%} of each batch is padding")
+    if not out:
+        out.append("no change needed")
+    return out
+
+
+def _current_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _available_mb(device: torch.device) -> Optional[float]:
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return total / MiB
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def render(plan: Plan) -> str:
+    """The plan as a terminal table."""
+    lines = [f"kdlm plan on {plan.device}", "", f"{'memory (per process)':45} {'MiB':>10}"]
+    for name, mb in plan.memory_mb.items():
+        lines.append(f"  {name:43} {mb:10,.0f}")
+    lines.append(f"  {'estimated peak':43} {plan.total_mb:10,.0f}")
+    if plan.available_mb:
+        lines.append(f"  {'available':43} {plan.available_mb:10,.0f}")
+    d = plan.data
+    lines += ["", f"data: {d['mean_tokens_per_row']:.0f} tokens per row, padded width {d['mean_padded_width']:.0f}, "
+              f"{d['tokens_per_micro_batch']:.0f} tokens and {d['counted_per_micro_batch']:.0f} counted per micro-batch",
+              f"speed: about {plan.tokens_per_s:,.0f} counted tokens/s ({plan.step_seconds:.1f} s per optimizer step)",
+              "", "suggestions:"] + [f"  {s}" for s in plan.suggestions]
+    return "\n".join(lines)
+
+
+def to_json(plan: Plan) -> str:
+    return json.dumps(asdict(plan), indent=2)

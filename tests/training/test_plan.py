@@ -1,0 +1,46 @@
+"""`kdlm plan`: the memory model's parts, and the suggestions it makes."""
+
+from __future__ import annotations
+
+import pytest
+
+from kdlm.config import load_recipe
+from kdlm.training import plan as planner
+
+
+@pytest.fixture
+def quiet_matmul(monkeypatch):
+    monkeypatch.setattr(planner, "measure_matmul_gflops", lambda *a, **k: 100.0)
+
+
+def test_parts_add_up_and_follow_the_recipe(recipe_file, quiet_matmul):
+    base = planner.estimate(load_recipe(recipe_file))
+    assert base.total_mb == pytest.approx(sum(base.memory_mb.values()))
+    assert base.tokens_per_s > 0 and base.data["counted_per_micro_batch"] > 0
+    student = planner.model_shape(str(load_recipe(recipe_file).student.model), keep_layers=2)
+    assert student.layers == 2
+    # 16 bytes per student parameter: fp32 weights, gradients and AdamW's two moments
+    assert base.memory_mb["student weights + grads + AdamW"] == pytest.approx(student.params * 16 / 2**20)
+
+    bigger = planner.estimate(load_recipe(recipe_file, ["train.batch_size=8"]))
+    assert bigger.memory_mb["student activations"] > base.memory_mb["student activations"]
+    checkpointed = planner.estimate(load_recipe(recipe_file, ["train.gradient_checkpointing=true"]))
+    assert checkpointed.memory_mb["student activations"] < base.memory_mb["student activations"]
+    cached = planner.estimate(load_recipe(recipe_file, ["teacher.source=cache"]))
+    assert "teacher weights" not in cached.memory_mb and cached.tokens_per_s > base.tokens_per_s
+
+
+def test_suggests_what_to_change_when_memory_is_short(recipe_file, quiet_matmul, monkeypatch):
+    monkeypatch.setattr(planner, "_available_mb", lambda device: 10.0)
+    plan = planner.estimate(load_recipe(recipe_file, ["loss.fused=false"]))
+    text = "\n".join(plan.suggestions)
+    assert "exceeds 90%" in text and "batch_size" in text and "loss.fused: true" in text
+    assert "kdlm plan" in planner.render(plan)
+
+
+def test_model_shape_counts_parameters_from_safetensors(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    unique = {id(p): p for p in model.parameters()}.values()
+    assert planner.model_shape(str(tiny_model_dir)).params == sum(p.numel() for p in unique)
