@@ -55,7 +55,7 @@ def make_recipe(tmp_path, cache_teacher_dir, tiny_model_dir, make_jsonl):
             data[rows] = make_jsonl(chat_rows(rows), name=f"train{rows}.jsonl")
         path = tmp_path / "recipe.yaml"
         path.write_text(f"""
-teacher: {{model: {cache_teacher_dir}, source: cache, cache_dir: {tmp_path / "cache"}, cache_top_k: 64}}
+teacher: {{model: {cache_teacher_dir}, device: cpu, source: cache, cache_dir: {tmp_path / "cache"}, cache_top_k: 64}}
 student: {{model: {tiny_model_dir}}}
 data: {{train: {data[rows]}, validation_fraction: 0.25, max_length: 48}}
 loss: [{{name: forward_kl, weight: 0.7}}, {{name: ce, weight: 0.3}}]

@@ -107,7 +107,7 @@ def test_vocabularies_above_65536_store_int32_ids(tmp_path, make_jsonl, tiny_tok
     tok.save_pretrained(tmp_path / "big")
     data = make_jsonl([{"prompt": f"one two {i}", "completion": " three four"} for i in range(4)])
     path = tmp_path / "r.yaml"
-    path.write_text(f"teacher: {{model: {tmp_path / 'big'}, cache_top_k: 8}}\nstudent: {{model: {tmp_path / 'big'}}}\n"
+    path.write_text(f"teacher: {{model: {tmp_path / 'big'}, device: cpu, cache_top_k: 8}}\nstudent: {{model: {tmp_path / 'big'}}}\n"
                     f"data: {{train: {data}, validation_fraction: 0}}\noutput: {{dir: {tmp_path / 'run'}}}\n")
     recipe = load_recipe(path)
     folder = capture_teacher(recipe, show_progress=False)
