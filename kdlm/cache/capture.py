@@ -186,7 +186,9 @@ def describe_mismatch(key: str, cached: Any, current: Any, where: str = "the rec
     def show(v: Any) -> str:
         if isinstance(v, str) and key.endswith("sha256"):
             return v[:12]
-        return "null" if v is None else str(v)
+        if isinstance(v, bool) or v is None:
+            return json.dumps(v)  # true / false / null, as a recipe writes them
+        return str(v)
 
     return f"{key} {show(cached)} in the cache, {show(current)} in {where}"
 

@@ -67,6 +67,10 @@ class SparseTeacher:
     def __len__(self) -> int:
         return self.ids.shape[0]
 
+    def slice_rows(self, start: int, stop: int) -> "SparseTeacher":
+        """Positions start..stop-1 (for a loss computed a chunk of rows at a time, as the fused head does)."""
+        return SparseTeacher(self.ids[start:stop], self.logprobs[start:stop], self.tail_logprob[start:stop], self.temperature)
+
     def to(self, device) -> "SparseTeacher":
         return SparseTeacher(self.ids.to(device), self.logprobs.to(device), self.tail_logprob.to(device), self.temperature)
 

@@ -104,7 +104,7 @@ def test_signal_on_a_device_and_with_the_temperature(cached):
     ("teacher.cache_top_k=32", "teacher.cache_top_k 64 in the cache, 32 in the recipe"),
     ("teacher.cache_temperature=2.0", "teacher.cache_temperature 1.0 in the cache, 2.0 in the recipe"),
     ("loss.temperature=2.0", "temperature 1 in the cache, 2 for loss term forward_kl"),
-    ("data.completion_only=false", "data.completion_only True in the cache, False in the recipe"),
+    ("data.completion_only=false", "data.completion_only true in the cache, false in the recipe"),
 ])
 def test_a_recipe_that_does_not_fit_the_cache_is_refused(cached, make_recipe, override, message):
     _, folder, _, _ = cached

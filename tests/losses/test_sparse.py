@@ -180,3 +180,14 @@ def test_validation_figures():
     assert figures["top1_agreement"].item() == agree
     assert figures["tokens"].item() == N
     assert figures["ce"].item() == pytest.approx(F.cross_entropy(student, targets, reduction="sum").item(), rel=1e-6)
+
+
+def test_row_chunks_add_up_to_the_whole():
+    student, teacher_logits = _logits(16), _logits(17)
+    signal = SparseTeacher.from_logits(teacher_logits, k=6)
+    targets = torch.zeros(N, dtype=torch.long)
+    terms = [_term("jsd"), _term("ce")]
+    whole = sparse_term_sums(student, signal, targets, terms)
+    parts = [sparse_term_sums(student[a:a + 5], signal.slice_rows(a, a + 5), targets[a:a + 5], terms) for a in range(0, N, 5)]
+    for label in whole:
+        assert whole[label].item() == pytest.approx(sum(p[label].item() for p in parts), rel=1e-6)
