@@ -2,6 +2,7 @@
 
     kdlm distill RECIPE.yaml [--set key=value ...] [--resume]
     kdlm init-student --teacher MODEL --layers N --output DIR
+    kdlm cache-teacher RECIPE.yaml                   run the teacher once, store its top-k log-probs
     kdlm quickstart [--output DIR]
     kdlm check RECIPE.yaml [--set key=value ...]     validate and print the resolved recipe
     kdlm plan RECIPE.yaml [--set key=value ...]      estimate peak memory and speed before a run
@@ -56,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/quickstart", help="run folder (default: runs/quickstart)")
     _add_set(p)
 
+    from kdlm.cache.cli import add_cache_parser
     from kdlm.report.cli import add_report_parser
 
+    add_cache_parser(sub)
     add_report_parser(sub)
 
     p = sub.add_parser("config-reference", help="print the recipe reference generated from the config classes")
@@ -201,6 +204,12 @@ def _print_result(result) -> None:
             print(f"{name:18} {m['ce']:8.4f} {m['kl_to_teacher']:8.4f} {m['top1_agreement']:7.2%}")
 
 
+def cmd_cache_teacher(args: argparse.Namespace) -> int:
+    from kdlm.cache.cli import run_cache_command
+
+    return run_cache_command(args)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from kdlm.report.cli import run_report_command
 
@@ -210,6 +219,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 COMMANDS = {
     "distill": cmd_distill,
     "report": cmd_report,
+    "cache-teacher": cmd_cache_teacher,
     "check": cmd_check,
     "plan": cmd_plan,
     "init-student": cmd_init_student,

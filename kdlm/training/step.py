@@ -9,13 +9,14 @@ weights a sharded run only materialises inside forward.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from kdlm.data.encode import IGNORE
 from kdlm.losses.fused import DEFAULT_CHUNK_BYTES, TOTAL_KEY, fused_sums
+from kdlm.losses.sparse import SparseTeacher, sparse_term_sums
 from kdlm.losses.objective import LMHead, Term, lm_head_of, term_sums, weighted_total
 
 
@@ -72,6 +73,15 @@ class Teacher:
         return rows.head.logits(rows.hidden)
 
 
+def teacher_signal(teacher, batch: dict) -> Union[TeacherRows, SparseTeacher]:
+    """The teacher's signal for `batch` at its counted positions: a live teacher's hidden states,
+    or an offline cache's top-k log-probs looked up by sample id."""
+    mask, _ = counted_positions(batch["labels"])
+    if isinstance(teacher, Teacher):
+        return teacher.rows(model_inputs(batch), mask)
+    return teacher.signal(batch["sample_ids"], batch["labels"], device=batch["labels"].device)
+
+
 class DistillationModule(nn.Module):
     """The student and the objective in one forward.
 
@@ -99,16 +109,19 @@ class DistillationModule(nn.Module):
         labels: Tensor,
         attention_mask: Optional[Tensor] = None,
         position_ids: Optional[Tensor] = None,
-        teacher: Optional[TeacherRows] = None,
+        teacher: Optional[Union[TeacherRows, SparseTeacher]] = None,
     ) -> dict[str, Tensor]:
         mask, targets = counted_positions(labels)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         inputs = {k: v for k, v in inputs.items() if v is not None}
         hidden = last_hidden(self.student, inputs)[:, :-1][mask]  # [N, H] (autocast dtype)
-        if self.fused:
+        if isinstance(teacher, SparseTeacher):  # an offline cache: top-k log-probs instead of hidden states
+            sums = sparse_term_sums(self.head.logits(hidden), teacher, targets, self.terms)
+        elif self.fused:
             return fused_sums(hidden, self.head, teacher.hidden if teacher else None, teacher.head if teacher else None,
                               targets, self.terms, chunk_bytes=self.chunk_bytes)
-        student_logits = self.head.logits(hidden)  # [N, V] fp32
-        teacher_logits = teacher.head.logits(teacher.hidden) if teacher is not None else None
-        sums = term_sums(student_logits, teacher_logits, targets, self.terms)
+        else:
+            student_logits = self.head.logits(hidden)  # [N, V] fp32
+            teacher_logits = teacher.head.logits(teacher.hidden) if teacher is not None else None
+            sums = term_sums(student_logits, teacher_logits, targets, self.terms)
         return {**{k: v.detach() for k, v in sums.items()}, TOTAL_KEY: weighted_total(sums, self.terms)}

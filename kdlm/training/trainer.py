@@ -14,12 +14,13 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from kdlm.cache import CachedTeacher, cache_dir_for
 from kdlm.config import Recipe, dump_yaml, to_dict
 from kdlm.data import Collator, DataReport, prepare_data
 from kdlm.data.packing import pack_examples
@@ -33,7 +34,7 @@ from kdlm.models.loading import load_model, load_tokenizer, resolve_device, reso
 from kdlm.training.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
 from kdlm.training.export import model_card, save_student_folder
 from kdlm.training.metrics import MetricsLog, peak_memory_mb
-from kdlm.training.step import DistillationModule, Teacher, counted_positions, model_inputs
+from kdlm.training.step import DistillationModule, Teacher, counted_positions, model_inputs, teacher_signal
 from kdlm.training.validate import validate
 
 log = logging.getLogger(__name__)
@@ -80,11 +81,6 @@ def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
     main = accelerator.is_main_process
-    if main:
-        if wipe:
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "resolved_config.yaml", dump_yaml(recipe))
 
     # 1. tokenizers first (cheap): refuse incompatible vocabularies before loading weights
     teacher_src = resolve_source(recipe.teacher.model, recipe.teacher.gguf_file, recipe.teacher.revision)
@@ -98,27 +94,40 @@ def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[
     train_set, val_set, report = prepare_data(recipe.data, tokenizer, seed=cfg.seed)
     if main:
         print(f"kdlm: data: {report.summary()}", flush=True)
-        atomic_write_text(out / "data_report.json", _json(report.__dict__))
 
-    # 3. models
-    teacher_device = resolve_device(recipe.teacher.device, accelerator.device)
+    # 3. models (with an offline cache the teacher is not loaded at all)
     student_device = resolve_device(recipe.student.device, accelerator.device)
-    teacher_model = load_model(teacher_src, dtype=resolve_dtype(recipe.teacher.dtype, teacher_device, trainable=False),
-                               device=teacher_device, trust_remote_code=recipe.teacher.trust_remote_code, frozen=True)
     student = load_model(student_src, dtype=resolve_dtype(recipe.student.dtype, student_device, trainable=True),
                          device=student_device, trust_remote_code=recipe.student.trust_remote_code)
     student_init = f"`{recipe.student.model}` ({parameter_count(student) / 1e6:.1f}M parameters)"
     if recipe.student.keep_layers is not None:
         kept = keep_layers(student, recipe.student.keep_layers)
         student_init = f"layers {kept} of `{recipe.student.model}` ({parameter_count(student) / 1e6:.1f}M parameters)"
-    vocab = shared_vocab_size(teacher_tok, tokenizer, teacher_model.get_output_embeddings().weight.shape[0],
-                              student.get_output_embeddings().weight.shape[0])
+    student_rows = student.get_output_embeddings().weight.shape[0]
+    if recipe.teacher.source == "cache":
+        teacher = CachedTeacher(cache_dir_for(recipe), recipe, tokenizer)
+        vocab = shared_vocab_size(teacher_tok, tokenizer, teacher.vocab, student_rows)
+        teacher.verify(train_set + val_set)  # every example cached, same tokens: fail now, not mid-run
+    else:
+        teacher_device = resolve_device(recipe.teacher.device, accelerator.device)
+        teacher_model = load_model(teacher_src, dtype=resolve_dtype(recipe.teacher.dtype, teacher_device, trainable=False),
+                                   device=teacher_device, trust_remote_code=recipe.teacher.trust_remote_code, frozen=True)
+        vocab = shared_vocab_size(teacher_tok, tokenizer, teacher_model.get_output_embeddings().weight.shape[0], student_rows)
+        teacher = Teacher(teacher_model, vocab)
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.config.use_cache = False
-    teacher = Teacher(teacher_model, vocab)
     terms = resolve_terms(recipe.loss)
     needs_teacher = any(t.needs_teacher for t in terms)
+
+    # every input is checked: only now is the output folder touched (a failed start leaves it as it was)
+    if main:
+        if wipe:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "resolved_config.yaml", dump_yaml(recipe))
+        atomic_write_text(out / "data_report.json", _json(report.__dict__))
+    accelerator.wait_for_everyone()
 
     # 4. optimisation
     module = DistillationModule(student, terms, vocab, fused=recipe.loss.fused, chunk_bytes=recipe.loss.chunk_mb * 2**20)
@@ -229,7 +238,7 @@ def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[
     return RunResult(out, model_dir, state["step"], before, after, report, history)
 
 
-def accumulate_gradients(module, teacher: Optional[Teacher], micro: list[dict], terms, accelerator):
+def accumulate_gradients(module, teacher: Optional[Union[Teacher, CachedTeacher]], micro: list[dict], terms, accelerator):
     """Forward and backward over one optimizer step's micro-batches; gradients are left in the parameters.
 
     The loss of every micro-batch is divided by the GLOBAL count of scored tokens in the step (all
@@ -245,10 +254,8 @@ def accumulate_gradients(module, teacher: Optional[Teacher], micro: list[dict], 
         sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(module)
         with sync:
             with accelerator.autocast():
-                teacher_rows = None
-                if teacher is not None:
-                    teacher_rows = teacher.rows(model_inputs(mb), counted_positions(mb["labels"])[0])  # [N, H_t]
-                sums = module(labels=mb["labels"], teacher=teacher_rows, **model_inputs(mb))
+                signal = teacher_signal(teacher, mb) if teacher is not None else None
+                sums = module(labels=mb["labels"], teacher=signal, **model_inputs(mb))
             # DDP averages gradients over processes, so scale by world size: the result is sum / global count
             loss = sums[TOTAL_KEY] * accelerator.num_processes / global_count
             accelerator.backward(loss)

@@ -4,6 +4,8 @@
 - kl_to_teacher: KL(p_teacher || p_student) at temperature 1 (a true KL, teacher entropy included);
 - top1_agreement: share of positions where the student's argmax equals the teacher's;
 - teacher_ce: the teacher's own cross-entropy on the same tokens (a floor for reading `ce`).
+With an offline top-k cache as the teacher, kl_to_teacher is the tail-bucket KL (a lower bound
+of the dense KL) at the cache temperature, and teacher_ce is NaN (not computable from top-k).
 Both models run under the same autocast as training.
 """
 
@@ -20,13 +22,14 @@ from kdlm.data.dataset import Collator, Example
 from kdlm.losses.divergences import per_position_divergence
 from kdlm.losses.fused import DEFAULT_CHUNK_BYTES, chunk_rows
 from kdlm.losses.objective import lm_head_of
-from kdlm.training.step import Teacher, counted_positions, last_hidden, model_inputs
+from kdlm.losses.sparse import SparseTeacher, sparse_validation_figures
+from kdlm.training.step import counted_positions, last_hidden, model_inputs, teacher_signal
 
 
 @torch.no_grad()
 def validate(
     student: torch.nn.Module,
-    teacher: Teacher,
+    teacher,
     examples: list[Example],
     *,
     collator: Collator,
@@ -36,7 +39,8 @@ def validate(
     max_batches: Optional[int] = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> dict[str, float]:
-    """Validation figures over `examples` (sharded across processes when an accelerator is given)."""
+    """Validation figures over `examples` (sharded across processes when an accelerator is given).
+    `teacher` is a live `Teacher` or a `CachedTeacher`."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = accelerator.device if accelerator else next(student.parameters()).device
     head = lm_head_of(student, vocab)
@@ -51,13 +55,19 @@ def validate(
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         mask, targets = counted_positions(batch["labels"])
         with accelerator.autocast() if accelerator else contextlib.nullcontext():
-            teacher_rows = teacher.rows(model_inputs(batch), mask)  # [N, H_teacher]
+            signal = teacher_signal(teacher, batch)  # live: hidden states [N, H_t]; cache: top-k log-probs
             hidden = last_hidden(student, model_inputs(batch))[:, :-1][mask]  # [N, H]
         # a chunk of rows at a time: never [N, V] logits for the whole batch
         for start in range(0, targets.numel(), rows_per_chunk):
             rows = slice(start, start + rows_per_chunk)
             student_logits = head.logits(hidden[rows])  # [n, V] fp32
-            teacher_logits = teacher_rows.head.logits(teacher_rows.hidden[rows])  # [n, V] fp32
+            if isinstance(signal, SparseTeacher):
+                figures = sparse_validation_figures(student_logits, signal.slice_rows(rows.start, rows.start + len(
+                    student_logits)), targets[rows])
+                totals[:3] += torch.stack([figures["ce"], figures["kl"], figures["top1_agreement"]])
+                totals[4] = float("nan")  # a top-k cache cannot give the teacher's own CE
+                continue
+            teacher_logits = signal.head.logits(signal.hidden[rows])  # [n, V] fp32
             totals[0] += F.cross_entropy(student_logits, targets[rows], reduction="sum").double()
             totals[1] += per_position_divergence(student_logits, teacher_logits, "forward_kl").sum().double()
             totals[2] += (student_logits.argmax(-1) == teacher_logits.argmax(-1)).sum()

@@ -35,6 +35,7 @@ def _examples() -> list[Example]:
 @pytest.fixture
 def parts(tiny_model_dir):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     src = resolve_source(str(tiny_model_dir))
     teacher_model = load_model(src, dtype=torch.float32, device=torch.device("cpu"), frozen=True)
@@ -47,7 +48,9 @@ def parts(tiny_model_dir):
     terms = resolve_terms(LossConfig(terms=[LossTerm(name="forward_kl", weight=0.6, temperature=2.0),
                                             LossTerm(name="ce", weight=0.4)]))
     module = DistillationModule(student, terms, vocab)
-    return module, Teacher(teacher_model, vocab), terms, Accelerator(cpu=True)
+    # a fresh fp32 accelerator: an earlier test's run may have left accelerate's singleton in bf16
+    AcceleratorState._reset_state()
+    return module, Teacher(teacher_model, vocab), terms, Accelerator(cpu=True, mixed_precision="no")
 
 
 def _grads(module) -> torch.Tensor:
