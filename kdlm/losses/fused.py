@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,7 @@ from torch import Tensor
 
 from kdlm.losses.divergences import get_divergence, per_position_divergence
 from kdlm.losses.objective import LMHead, Term
+from kdlm.losses.sparse import SparseTeacher, sparse_term_sums
 
 # Key of the weighted total in `fused_sums`' result: the only entry that carries a gradient.
 TOTAL_KEY = "__total__"
@@ -131,8 +132,12 @@ def _head_logits(
     return tanh * softcap, tanh  # new [n, V] logits buffer, tanh kept
 
 
-def _term_sum(student_logits: Tensor, teacher_logits: Optional[Tensor], targets: Optional[Tensor], term: Term) -> Tensor:
-    """One term's SUM over the chunk's rows (0-dim), exactly as objective.term_sums computes it."""
+def _term_sum(student_logits: Tensor, teacher_logits: Union[Tensor, SparseTeacher, None], targets: Optional[Tensor],
+              term: Term) -> Tensor:
+    """One term's SUM over the chunk's rows (0-dim), exactly as objective.term_sums (dense teacher logits)
+    or sparse.sparse_term_sums (a cached top-k teacher) computes it."""
+    if isinstance(teacher_logits, SparseTeacher):
+        return sparse_term_sums(student_logits, teacher_logits, targets, [term])[term.label]
     if term.name == "ce":
         return F.cross_entropy(student_logits, targets, reduction="sum")
     per_position = per_position_divergence(
@@ -172,6 +177,7 @@ class _FusedLMHeadLoss(torch.autograd.Function):
         teacher_bias: Optional[Tensor],  # [V_t] or None
         targets: Optional[Tensor],  # [N] long or None
         plan: _Plan,
+        sparse: Optional[SparseTeacher] = None,  # a cached top-k teacher [N, k] instead of hidden states
     ) -> tuple[Tensor, Tensor]:
         vocab, n_rows = plan.vocab, student_hidden.shape[0]
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -199,7 +205,9 @@ class _FusedLMHeadLoss(torch.autograd.Function):
                 hidden_c = student_hidden[rows].to(dtype)  # [n, H_s]
                 student_logits, tanh = _head_logits(hidden_c, weight_s, bias_s, plan.student_scale, plan.student_softcap)
                 teacher_logits = None
-                if weight_t is not None:
+                if sparse is not None:  # rows are independent: a slice of the top-k signal is this chunk's teacher
+                    teacher_logits = sparse.slice_rows(rows.start, rows.stop)
+                elif weight_t is not None:
                     teacher_logits, _ = _head_logits(
                         teacher_hidden[rows].detach(), weight_t, bias_t, plan.teacher_scale, plan.teacher_softcap
                     )  # [n, V], no grad
@@ -273,7 +281,7 @@ class _FusedLMHeadLoss(torch.autograd.Function):
             grad.mul_(grad_total).to(dtype) if grad is not None else None
             for grad, dtype in zip(ctx.saved_tensors, ctx.input_dtypes)
         ]
-        return (*scaled, None, None, None, None, None)
+        return (*scaled, None, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -344,7 +352,12 @@ def _fused_total_and_values(
     vocab = student_head.vocab
     _check_head(student_hidden, student_head.weight, student_head.bias, vocab, "student")
     n_rows = student_hidden.shape[0]
-    if any(term.needs_teacher for term in terms):
+    sparse = teacher_hidden if isinstance(teacher_hidden, SparseTeacher) else None
+    if sparse is not None:
+        if sparse.ids.shape[0] != n_rows:
+            raise ValueError(f"student has {n_rows} rows but the sparse teacher {sparse.ids.shape[0]}")
+        teacher_hidden = teacher_head = None
+    elif any(term.needs_teacher for term in terms):
         if teacher_hidden is None or teacher_head is None:
             raise ValueError("a divergence term needs teacher_hidden and the teacher head")
         if teacher_head.vocab != vocab:
@@ -387,6 +400,7 @@ def _fused_total_and_values(
         teacher_head.bias if teacher_head is not None else None,
         targets,
         plan,
+        sparse,
     )
 
 
@@ -396,7 +410,7 @@ def _fused_total_and_values(
 def fused_sums(
     student_hidden: Tensor,
     student_head: LMHead,
-    teacher_hidden: Optional[Tensor],
+    teacher_hidden: Union[Tensor, SparseTeacher, None],
     teacher_head: Optional[LMHead],
     targets: Optional[Tensor],
     terms: Sequence[Term],
@@ -407,6 +421,8 @@ def fused_sums(
 
     student_hidden [N, H_s] and teacher_hidden [N, H_t] are the counted rows (any dtype);
     targets [N] long for a ce term. Each chunk's logits are computed once for all terms.
+    teacher_hidden may instead be a `SparseTeacher` (an offline top-k cache; teacher_head None):
+    each chunk then uses its rows of the cached signal, as `sparse.sparse_term_sums` does.
 
     Returns {label: sum_k (0-dim, DETACHED, for logging), TOTAL_KEY: sum_k weight_k * sum_k}.
     Only the TOTAL_KEY entry carries the graph: the chunk loop accumulates the gradient of the

@@ -115,13 +115,16 @@ class DistillationModule(nn.Module):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         inputs = {k: v for k, v in inputs.items() if v is not None}
         hidden = last_hidden(self.student, inputs)[:, :-1][mask]  # [N, H] (autocast dtype)
-        if isinstance(teacher, SparseTeacher):  # an offline cache: top-k log-probs instead of hidden states
-            sums = sparse_term_sums(self.head.logits(hidden), teacher, targets, self.terms)
-        elif self.fused:
-            return fused_sums(hidden, self.head, teacher.hidden if teacher else None, teacher.head if teacher else None,
-                              targets, self.terms, chunk_bytes=self.chunk_bytes)
+        sparse = isinstance(teacher, SparseTeacher)  # an offline cache: top-k log-probs instead of hidden states
+        if self.fused:
+            teacher_hidden = teacher if sparse else (teacher.hidden if teacher else None)
+            teacher_head = None if sparse or teacher is None else teacher.head
+            return fused_sums(hidden, self.head, teacher_hidden, teacher_head, targets, self.terms,
+                              chunk_bytes=self.chunk_bytes)
+        student_logits = self.head.logits(hidden)  # [N, V] fp32
+        if sparse:
+            sums = sparse_term_sums(student_logits, teacher, targets, self.terms)
         else:
-            student_logits = self.head.logits(hidden)  # [N, V] fp32
             teacher_logits = teacher.head.logits(teacher.hidden) if teacher is not None else None
             sums = term_sums(student_logits, teacher_logits, targets, self.terms)
         return {**{k: v.detach() for k, v in sums.items()}, TOTAL_KEY: weighted_total(sums, self.terms)}

@@ -303,3 +303,27 @@ def test_clear_errors():
         fused_sums(sh[0], LMHead(sw, None, VOCAB), None, None, None, [Term("kl", "forward_kl", 1.0, 1.0, 0.5, 0.1)])
     with pytest.raises(ValueError, match="unique"):
         fused_sums(sh[0], LMHead(sw, None, VOCAB), None, None, targets[0], [Term("ce", "ce", 1.0, 1.0, 0.5, 0.1)] * 2)
+
+
+def test_fused_sums_with_a_sparse_teacher_equal_the_sparse_objective():
+    """A cached top-k teacher through the fused chunk loop equals sparse_term_sums on full logits."""
+    from kdlm.losses.objective import LMHead, Term, weighted_total
+    from kdlm.losses.sparse import SparseTeacher, sparse_term_sums
+
+    g = torch.Generator().manual_seed(7)
+    n, h, v, k = 11, 6, 40, 5
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher = SparseTeacher.from_logits(torch.randn(n, v, generator=g, dtype=torch.float64) * 3, k, 1.0)
+    targets = torch.randint(v, (n,), generator=g)
+    terms = [Term("ce", "ce", 0.25, 1.0, 0.5, 0.1), Term("forward_kl", "forward_kl", 0.75, 1.0, 0.5, 0.1)]
+    head = LMHead(weight, None, v)
+
+    fused = fused_sums(hidden, head, teacher, None, targets, terms, chunk_bytes=4 * v * 8 * 12)  # several chunks
+    (g_hidden, g_weight) = torch.autograd.grad(fused[TOTAL_KEY], (hidden, weight))
+    reference = sparse_term_sums(hidden @ weight.T, teacher, targets, terms)
+    (r_hidden, r_weight) = torch.autograd.grad(weighted_total(reference, terms), (hidden, weight))
+    for term in terms:
+        torch.testing.assert_close(fused[term.label], reference[term.label].detach(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(g_hidden, r_hidden, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(g_weight, r_weight, rtol=1e-9, atol=1e-12)
