@@ -189,6 +189,12 @@ def _prepare_set(name: str, task: Task, spec: DataSpec, data_dir: Path, limit: O
                  fallback_options: Optional[tuple[str, ...]]) -> PreparedSet:
     examples = load_examples(spec, data_dir, task.name, limit)
     pset = PreparedSet(name, spec, examples)
+    for ex in examples:
+        if task.type == "perplexity" and not ex.reference:
+            raise DataError(f"{ex.where}: empty reference, nothing to score (task {task.name})")
+        if task.type == "generation" and task.extract != "none" and not extract(task.extract, ex.reference):
+            raise DataError(f"{ex.where}: no answer can be extracted from the reference ({task.extract}; "
+                            f"task {task.name}): {ex.reference[-60:]!r}")
     if task.type == "classification":
         pset.options = class_options(spec, data_dir, task.name, fallback_options)
         pset.answer_index = [match_option(ex.reference, pset.options, ex.where) for ex in examples]

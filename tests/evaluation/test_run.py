@@ -223,3 +223,11 @@ def test_model_labels_run_folders_and_teacher(tmp_path, tiny_model_dir, tiny_stu
     # --teacher naming one of the models moves it first instead of adding it
     entries = resolve_models([str(other), str(tiny_model_dir)], teacher=str(tiny_model_dir))
     assert [e.label for e in entries] == [tiny_model_dir.name, "fkl"]
+
+
+def test_references_checked_before_loading(tmp_path, write_task):
+    write_jsonl(tmp_path / "q.jsonl", [{"question": "2+2?", "answer": "four"}])
+    task = write_task("type: generation\nsource: q.jsonl\ntemplate: '{question}'\nreference: '{answer}'\n"
+                      "extract: number\nmetrics: [accuracy]\n")
+    with pytest.raises(DataError, match=r"q.jsonl line 1: no answer can be extracted from the reference"):
+        run_evaluation(EvalSettings(models=["/no/model"], tasks=[str(task)], output=tmp_path / "o", data_dir=tmp_path))
