@@ -14,7 +14,7 @@ from kdlm.errors import ConfigError, DataError, OutputError
 from kdlm.evaluation import efficiency
 from kdlm.evaluation.run import EvalSettings, resolve_models, run_evaluation
 from kdlm.evaluation.summary import REQUIRED_KEYS, render_table
-from tests.evaluation.conftest import GSM_ROWS, SENTIMENT_TASK, write_jsonl
+from .conftest import GSM_ROWS, SENTIMENT_TASK, write_jsonl
 
 GSM_TASK = """\
 name: tiny_gsm
@@ -64,7 +64,7 @@ def test_selfinst_rouge_l_equals_independent_rouge_score(tiny_model_dir, data_di
 @pytest.fixture(scope="module")
 def full_eval(tiny_model_dir, tiny_student_dir, tmp_path_factory):
     """Teacher + student, four task types, --robustness (perturbations + OOD) and --efficiency (memory probe stubbed)."""
-    from tests.evaluation.conftest import OOD_ROWS, SELFINST_ROWS, SENTIMENT_ROWS
+    from .conftest import OOD_ROWS, SELFINST_ROWS, SENTIMENT_ROWS
 
     base = tmp_path_factory.mktemp("full_eval")
     data = base / "data"

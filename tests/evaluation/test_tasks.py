@@ -7,7 +7,7 @@ import pytest
 from kdlm.errors import ConfigError, DataError, KdlmError
 from kdlm.evaluation.tasks import (builtin_task_names, build_context, class_options, few_shot_turns, load_examples,
                                    match_option, perturbable_span, resolve_task, with_input)
-from tests.evaluation.conftest import shared_data_or_skip, write_jsonl
+from .conftest import shared_data_or_skip, write_jsonl
 
 BUILTINS = {"selfinst", "gsm8k", "gsm8k_fewshot", "gsm8k_direct", "sentiment_imdb", "paraphrase_mrpc", "samsum",
             "samsum_ppl"}
