@@ -6,6 +6,7 @@
     kdlm quickstart [--output DIR]
     kdlm check RECIPE.yaml [--set key=value ...]     validate and print the resolved recipe
     kdlm plan RECIPE.yaml [--set key=value ...]      estimate peak memory and speed before a run
+    kdlm eval MODEL ... --task TASK --output DIR     task metrics, retention, robustness, efficiency
     kdlm report RUN_OR_EVAL_DIR ... -o DIR           Markdown + HTML report of runs and evaluations
     kdlm config-reference [--output FILE]            the generated recipe reference (Markdown)
 
@@ -58,9 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
 
     from kdlm.cache.cli import add_cache_parser
+    from kdlm.evaluation.cli import add_eval_parser
     from kdlm.report.cli import add_report_parser
 
     add_cache_parser(sub)
+    add_eval_parser(sub)
     add_report_parser(sub)
 
     p = sub.add_parser("config-reference", help="print the recipe reference generated from the config classes")
@@ -210,6 +213,12 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     return run_cache_command(args)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kdlm.evaluation.cli import run_eval_command
+
+    return run_eval_command(args)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from kdlm.report.cli import run_report_command
 
@@ -218,6 +227,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "distill": cmd_distill,
+    "eval": cmd_eval,
     "report": cmd_report,
     "cache-teacher": cmd_cache_teacher,
     "check": cmd_check,
