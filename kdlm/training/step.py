@@ -82,6 +82,15 @@ def teacher_signal(teacher, batch: dict) -> Union[TeacherRows, SparseTeacher]:
     return teacher.signal(batch["sample_ids"], batch["labels"], device=batch["labels"].device)
 
 
+def teacher_autocast(accelerator):
+    """Autocast for the teacher's forward, without autocast's weight-cast cache: every teacher weight is
+    used once per forward, so caching its low-precision copy only holds a second copy of the teacher
+    (about half its fp32 size) in memory until the step ends."""
+    from accelerate.utils import AutocastKwargs
+
+    return accelerator.autocast(autocast_handler=AutocastKwargs(cache_enabled=False))
+
+
 class DistillationModule(nn.Module):
     """The student and the objective in one forward.
 

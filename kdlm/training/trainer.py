@@ -34,7 +34,7 @@ from kdlm.models.loading import load_model, load_tokenizer, resolve_device, reso
 from kdlm.training.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
 from kdlm.training.export import model_card, save_student_folder
 from kdlm.training.metrics import MetricsLog, peak_memory_mb
-from kdlm.training.step import DistillationModule, Teacher, counted_positions, model_inputs, teacher_signal
+from kdlm.training.step import DistillationModule, Teacher, counted_positions, model_inputs, teacher_autocast, teacher_signal
 from kdlm.training.validate import validate
 
 log = logging.getLogger(__name__)
@@ -253,8 +253,9 @@ def accumulate_gradients(module, teacher: Optional[Union[Teacher, CachedTeacher]
         # skip DDP's gradient all-reduce until the last micro-batch
         sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(module)
         with sync:
-            with accelerator.autocast():
+            with teacher_autocast(accelerator):
                 signal = teacher_signal(teacher, mb) if teacher is not None else None
+            with accelerator.autocast():
                 sums = module(labels=mb["labels"], teacher=signal, **model_inputs(mb))
             # DDP averages gradients over processes, so scale by world size: the result is sum / global count
             loss = sums[TOTAL_KEY] * accelerator.num_processes / global_count

@@ -23,7 +23,7 @@ from kdlm.losses.divergences import per_position_divergence
 from kdlm.losses.fused import DEFAULT_CHUNK_BYTES, chunk_rows
 from kdlm.losses.objective import lm_head_of
 from kdlm.losses.sparse import SparseTeacher, sparse_validation_figures
-from kdlm.training.step import counted_positions, last_hidden, model_inputs, teacher_signal
+from kdlm.training.step import counted_positions, last_hidden, model_inputs, teacher_autocast, teacher_signal
 
 
 @torch.no_grad()
@@ -54,8 +54,9 @@ def validate(
             break
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         mask, targets = counted_positions(batch["labels"])
-        with accelerator.autocast() if accelerator else contextlib.nullcontext():
+        with teacher_autocast(accelerator) if accelerator else contextlib.nullcontext():
             signal = teacher_signal(teacher, batch)  # live: hidden states [N, H_t]; cache: top-k log-probs
+        with accelerator.autocast() if accelerator else contextlib.nullcontext():
             hidden = last_hidden(student, model_inputs(batch))[:, :-1][mask]  # [N, H]
         # a chunk of rows at a time: never [N, V] logits for the whole batch
         for start in range(0, targets.numel(), rows_per_chunk):
