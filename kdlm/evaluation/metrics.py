@@ -132,11 +132,12 @@ def retention(student: Optional[float], teacher: Optional[float], metric: str = 
 
     Higher-is-better metrics: 100 * student / teacher. Lower-is-better ones (perplexity, ce, ece, kl_to_teacher):
     100 * teacher / student, so that 100 means "as good as the teacher" and less means worse in both cases.
-    Equal values (0 and 0 included) give 100; a zero denominator otherwise, or a missing value, gives None.
+    Equal non-zero values give 100. A zero denominator (a teacher with nothing to retain, e.g. accuracy 0,
+    even when the student also scores 0) or a missing value gives None: there is no percentage to report.
     """
     if student is None or teacher is None or not (math.isfinite(student) and math.isfinite(teacher)):
         return None
-    if student == teacher:
+    if student == teacher and teacher != 0:
         return 100.0
     num, den = (teacher, student) if metric in LOWER_IS_BETTER else (student, teacher)
     if den == 0:

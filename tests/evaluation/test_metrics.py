@@ -79,7 +79,8 @@ def test_retention_arithmetic():
     assert M.retention(20.0, 10.0, "perplexity") == pytest.approx(50.0)
     assert M.retention(0.05, 0.10, "ece") == pytest.approx(200.0)
     # a teacher at 0: equal values are 100, anything else undefined (None)
-    assert M.retention(0.0, 0.0, "accuracy") == 100.0
+    assert M.retention(0.0, 0.0, "accuracy") is None  # a teacher at 0 leaves nothing to retain
+    assert M.retention(0.3, 0.3, "accuracy") == 100.0
     assert M.retention(0.1, 0.0, "accuracy") is None
     assert M.retention(0.0, 5.0, "perplexity") is None
     assert M.retention(None, 0.3) is None and M.retention(0.3, None) is None
