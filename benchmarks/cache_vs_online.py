@@ -70,7 +70,7 @@ def main() -> None:
                             "bytes_per_token": shard_bytes / positions if positions else None,
                             "index_and_manifest_bytes": sum(p.stat().st_size for p in cache.iterdir()) - shard_bytes}
         for name, source in (("live", "live"), ("cache", "cache")):
-            out = Path(tmp) / name
+            out = Path(tmp) / f"run-{name}"
             kdlm("distill", "recipes/quickstart.yaml", *flags, "--set", f"teacher.source={source}",
                  "--set", f"output.dir={out}", "--no-progress")
             results[name] = timed_speed(out)

@@ -122,8 +122,8 @@ def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[
 
     # every input is checked: only now is the output folder touched (a failed start leaves it as it was)
     if main:
-        if wipe:
-            shutil.rmtree(out)
+        for old in _run_entries(out, recipe) if wipe else []:  # replace the old run, keep the teacher cache
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "resolved_config.yaml", dump_yaml(recipe))
         atomic_write_text(out / "data_report.json", _json(report.__dict__))
@@ -298,12 +298,21 @@ def _check_output_dir(out: Path, recipe: Recipe, resume: bool) -> bool:
         if changed:
             raise OutputError(f"{out}: cannot resume: the recipe changed in {', '.join(changed)} since the checkpoint")
         return False
-    if out.exists() and any(out.iterdir()):
+    if _run_entries(out, recipe):
         if not recipe.output.overwrite:
             raise OutputError(f"{out}: output folder is not empty; pass --resume to continue it, "
                               f"--set output.overwrite=true to replace it, or choose another output.dir")
         return True
     return False
+
+
+def _run_entries(out: Path, recipe: Recipe) -> list[Path]:
+    """What a previous run left in `out`: everything but the teacher cache, which `kdlm cache-teacher` writes
+    into <output.dir>/teacher_cache by default and which a new run of the same recipe is meant to read."""
+    if not out.is_dir():
+        return []
+    cache = cache_dir_for(recipe).resolve()
+    return [p for p in out.iterdir() if p.resolve() != cache]
 
 
 def _mixed_precision(setting: str) -> str:

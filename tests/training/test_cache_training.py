@@ -35,3 +35,15 @@ def test_a_cache_that_does_not_match_the_recipe_is_refused(recipe_file, tmp_path
         distill(load_recipe(recipe_file, [*overrides, "data.max_length=48"]), show_progress=False)
     with pytest.raises(ConfigError, match="temperature"):
         distill(load_recipe(recipe_file, [*overrides, "loss.temperature=2.0"]), show_progress=False)
+
+
+def test_cache_in_the_default_place_survives_the_run_that_reads_it(recipe_file, tmp_path):
+    """`kdlm cache-teacher` writes <output.dir>/teacher_cache; the run then fills that folder without wiping it."""
+    overrides = ["teacher.source=cache", "loss.temperature=1.0", "teacher.cache_top_k=8", "train.max_steps=2"]
+    recipe = load_recipe(recipe_file, overrides)
+    cache = capture_teacher(recipe, show_progress=False)
+    assert cache == tmp_path / "run" / "teacher_cache"
+    assert distill(recipe, show_progress=False).steps == 2  # not refused as "output folder is not empty"
+    again = load_recipe(recipe_file, [*overrides, "output.overwrite=true"])
+    assert distill(again, show_progress=False).steps == 2  # replacing the run keeps the cache it reads
+    assert (cache / "manifest.json").is_file()
