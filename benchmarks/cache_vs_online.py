@@ -66,7 +66,7 @@ def main() -> None:
         manifest = json.loads((cache / "manifest.json").read_text())
         shard_bytes = sum(p.stat().st_size for p in cache.glob("shard-*") if not p.name.endswith(".json"))
         positions = manifest["positions"]
-        results["cache"] = {"k": args.k, "positions": positions, "shard_bytes": shard_bytes,
+        results["cache_store"] = {"k": args.k, "positions": positions, "shard_bytes": shard_bytes,
                             "bytes_per_token": shard_bytes / positions if positions else None,
                             "index_and_manifest_bytes": sum(p.stat().st_size for p in cache.iterdir()) - shard_bytes}
         for name, source in (("live", "live"), ("cache", "cache")):
@@ -98,7 +98,7 @@ def main() -> None:
     out_dir = REPO / "benchmarks" / "results"
     out_dir.mkdir(exist_ok=True)
     (out_dir / "cache_vs_online.json").write_text(json.dumps(results, indent=2))
-    m, c = results["machine"], results["cache"]
+    m, c = results["machine"], results["cache_store"]
     md = [
         "# Training from the teacher cache vs the live teacher", "",
         f"{m['cpu']}, {m['cores_usable']} cores; matmul peak {peak['fp32']:.0f} GFLOP/s fp32, {peak['bf16']:.0f} bf16; "
