@@ -461,9 +461,10 @@ def markdown(report: dict) -> str:
 NOTES = [
     "Supervised tokens/s = positions whose (shifted) label is not -100, summed over steps 2..N, divided by the wall "
     "time from the end of step 1 to the end of step N (data loading, forward, backward, clipping and the optimizer "
-    "step included). Every system supervises the same tokens of an example: the assistant turn after the generation "
-    "prompt, its <|im_end|> and the template's trailing newline (for TRL this is checked batch by batch against "
-    "the reference count).",
+    "step included). Every system supervises the assistant turn after the generation prompt and its <|im_end|>; "
+    "TRL and the plain loop also the template's newline after <|im_end|> (one more token per example, which kdlm "
+    "does not count as a target since it is never generated; this favours them by under 1%). For TRL the count is "
+    "checked batch by batch against the reference count.",
     "Peak RSS = ru_maxrss of the system's own process (+ children, none here) at the end of its last training step; "
     "it includes the Python/torch baseline and both models. `peak_rss_end_mb` in the JSON also covers kdlm's final "
     "checkpoint and export.",

@@ -4,7 +4,7 @@
 (the Hugging Face convention); the model's output at position i-1 predicts token i.
 - text: every token counted.
 - prompt_completion: the completion (and the EOS after it) counted; optional chat template.
-- messages: rendered with the tokenizer's chat template; assistant turns counted.
+- messages: rendered with the tokenizer's chat template; assistant turns counted, through their end-of-turn token.
 With `completion_only: false` every token is counted.
 """
 
@@ -85,10 +85,20 @@ def _encode_chat(messages: list[dict], tokenizer, cfg: Any) -> Encoded:
             upto = _render(tokenizer, messages[: k + 1], add_generation_prompt=False)
             if ids[: len(upto)] != upto:
                 raise RowError("the chat template does not render conversation prefixes as prefixes; set completion_only: false")
-            labels[start : len(upto)] = upto[start:]
+            end = start + _through_end_of_turn(upto[start:], tokenizer)
+            labels[start:end] = upto[start:end]
     if all(label == IGNORE for label in labels):
         raise RowError("no assistant turn to learn from")
     return _truncate(ids, labels, cfg.max_length)
+
+
+def _through_end_of_turn(turn: list[int], tokenizer) -> int:
+    """How many tokens of a rendered assistant turn the student learns: up to and including its last special
+    token (the end-of-turn marker, e.g. ChatML's <|im_end|>, Llama 3's <|eot_id|>). What a template puts after it
+    (ChatML's "\n") is never generated, so it is not a target. A turn without a special token is kept whole."""
+    special = set(tokenizer.all_special_ids)
+    last = max((i for i, token in enumerate(turn) if token in special), default=len(turn) - 1)
+    return last + 1
 
 
 def _render(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> list[int]:
