@@ -62,8 +62,11 @@ def utc_now() -> str:
 
 
 def peak_rss_mb() -> dict:
-    """Peak resident memory of this process and of its largest waited-for child, in MiB (Linux ru_maxrss is KiB)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process (kdlm.memory: VmHWM on Linux, which, unlike ru_maxrss, does not
+    start at the parent's peak) and of its largest waited-for child, in MiB (Linux ru_maxrss is KiB)."""
+    from kdlm.memory import peak_rss_mb as own_peak
+
+    own = own_peak()
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"self": own, "children": children, "total": own + children}
 

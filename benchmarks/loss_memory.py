@@ -10,7 +10,7 @@ student hidden [N, H] and weight [V, H] require grad, teacher hidden/weight rand
            divergence(student_logits, teacher_logits, "forward_kl").backward()
     fused: fused_divergence(h_s, W_s, h_t, W_t, "forward_kl").backward()
 
-Every (method, N) runs in a FRESH subprocess: extra peak memory = ru_maxrss after the runs
+Every (method, N) runs in a FRESH subprocess: extra peak memory = VmHWM after the runs
 minus VmRSS once the inputs are allocated, so it counts everything the loss allocates
 (logits, intermediates, gradients incl. W_s.grad [V, H]). Time: median of 3 forward+backward
 after one warmup. FLOP model: 2 forward matmuls (student + teacher) and 2 backward matmuls
@@ -91,7 +91,7 @@ def worker(method: str, n_tokens: int, chunk_bytes: int, memory_limit: int) -> d
                 times.append(time.perf_counter() - start)
     except RuntimeError as error:  # "DefaultCPUAllocator: can't allocate memory"
         return {"method": method, "tokens": n_tokens, "status": f"out of memory: {str(error).splitlines()[0][:120]}"}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    peak = _meminfo("VmHWM")  # this process's own high-water mark (ru_maxrss may start at the parent's)
     median = statistics.median(times)
     return {
         "method": method,

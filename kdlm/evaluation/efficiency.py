@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from kdlm.memory import peak_rss_mb, reset_peak_rss
 
 PROMPT = "Explain in a few sentences how a small student model can learn from a large teacher model."
 WEIGHT_GLOBS = (("*.safetensors",), ("*.bin", "*.pt", "*.pth"))
@@ -140,38 +141,6 @@ def measure_throughput(model, tokenizer, *, batch_size: int = 8, new_tokens: int
     return out
 
 
-def _proc_status_mb(field: str) -> Optional[float]:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 2**10  # kB
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident set. Linux: VmHWM of its own address space (ru_maxrss would start at the
-    parent's size, which Linux carries over exec); elsewhere ru_maxrss."""
-    hwm = _proc_status_mb("VmHWM")
-    if hwm is not None:
-        return hwm
-    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return usage / 2**20 if sys.platform == "darwin" else usage / 2**10  # bytes on macOS, KiB on Linux
-
-
-def _reset_peak() -> float:
-    """Reset the peak to the current resident set where Linux allows it; returns the baseline to subtract."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # 5: reset VmHWM to the current RSS
-        current = _proc_status_mb("VmRSS")
-        if current is not None:
-            return current
-    except OSError:
-        pass
-    return _peak_rss_mb()
-
-
 def probe_cpu_memory(path: str, gguf_file: Optional[str], *, dtype: str = "float32", batch_size: int = 8,
                      new_tokens: int = 32, trust_remote_code: bool = False, timeout: float = 600) -> Optional[float]:
     """Peak RSS rise (MiB) of loading the model and generating once, in a fresh Python process; None if it fails."""
@@ -238,11 +207,11 @@ def _main(argv=None) -> int:
     except (KeyError, AttributeError):
         pass
     tokenizer = load_tokenizer(source, trust_remote_code=args.trust_remote_code)
-    base = _reset_peak()
+    base = reset_peak_rss()
     model = load_model(source, dtype=DTYPES[args.dtype], device=torch.device("cpu"), frozen=True,
                        trust_remote_code=args.trust_remote_code)
     _generate_fixed(model, tokenizer, prompt_ids(tokenizer), args.batch_size, args.new_tokens)
-    print(json.dumps({"peak_memory_mb": _peak_rss_mb() - base, "baseline_mb": base}))
+    print(json.dumps({"peak_memory_mb": peak_rss_mb() - base, "baseline_mb": base}))
     return 0
 
 

@@ -26,12 +26,12 @@ class MetricsLog:
 
 
 def peak_memory_mb() -> dict[str, float]:
-    """Peak resident memory of this process so far (Linux ru_maxrss is in KiB), and peak CUDA memory if used."""
-    import resource
-
+    """Peak resident memory of this process so far (kdlm.memory.peak_rss_mb), and peak CUDA memory if used."""
     import torch
 
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    from kdlm.memory import peak_rss_mb
+
+    out = {"peak_rss_mb": peak_rss_mb()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out

@@ -21,7 +21,6 @@ The sum is compared with what the run measures (`final_metrics.json` memory.peak
 from __future__ import annotations
 
 import json
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from kdlm.data.encode import IGNORE
 from kdlm.data.packing import pack_examples
 from kdlm.losses.fused import chunk_rows
 from kdlm.losses.objective import resolve_terms
+from kdlm.memory import current_rss_mb
 from kdlm.models.loading import load_tokenizer, resolve_source
 
 MiB = 2**20
@@ -178,7 +178,7 @@ def estimate(recipe: Recipe, *, device: Optional[torch.device] = None) -> Plan:
     counted = plan.data["counted_per_micro_batch"]
 
     mem = plan.memory_mb
-    mem["baseline (python, torch, transformers)"] = _current_rss_mb() if device.type == "cpu" else 0.0
+    mem["baseline (python, torch, transformers)"] = current_rss_mb() if device.type == "cpu" else 0.0
     if not cached:
         mem["teacher weights"] = teacher.params * teacher_bytes / MiB
         if act_bytes == 2 and teacher_bytes == 4:
@@ -236,16 +236,6 @@ def _suggest(recipe: Recipe, plan: Plan, mem: dict[str, float], cached: bool) ->
     if not out:
         out.append("no change needed")
     return out
-
-
-def _current_rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _available_mb(device: torch.device) -> Optional[float]:
