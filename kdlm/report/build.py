@@ -187,18 +187,57 @@ class ReportBuilder:
             return number(per_metric[metric])
         return number(next(iter(per_metric.values()))) if len(per_metric) == 1 else None
 
+    # The means of the comparison table are taken over the keys (tasks, or task x OOD set) that EVERY model
+    # concerned has a value for, so that two rows always average the same things: a student whose only
+    # correct GSM8K answer flipped (ASR 1.0 over n = 1) must not be averaged against a teacher that has no
+    # GSM8K ASR at all.
+
+    def retention_by_task(self, label: str) -> dict[str, Optional[float]]:
+        return {task: self.retention(label, task) for task in self.tasks}
+
+    def asr_by_task(self, label: str) -> dict[str, Optional[float]]:
+        per_task = self.ev.section("robustness").get(label, {})
+        return {task: number(_dig(per_task, task, "asr", "overall")) for task in per_task}
+
+    def ood_drop_by_set(self, label: str) -> dict[tuple[str, str], Optional[float]]:
+        per_task = self.ev.section("ood").get(label, {})
+        return {(task, name): number(v) for task in per_task for name, v in (_dig(per_task, task, "drop") or {}).items()}
+
+    def common_keys(self, values: Callable[[str], dict], labels: Sequence[str]) -> list:
+        """The keys that every model in `labels` with any value has a value for, in first-seen order."""
+        tables = [values(lb) for lb in labels]
+        tables = [t for t in tables if any(v is not None for v in t.values())]
+        keys = list(dict.fromkeys(k for t in tables for k in t))
+        return [k for k in keys if all(t.get(k) is not None for t in tables)]
+
+    def students(self) -> list[str]:
+        return [lb for lb in self.labels if not self.is_ref(lb)]
+
     def mean_retention(self, label: str) -> Optional[float]:
-        value = mean([self.retention(label, task) for task in self.tasks])
-        return 100.0 if value is None and self.is_ref(label) else value  # the teacher retains all of itself
+        if self.is_ref(label):
+            return 100.0  # the teacher retains all of itself
+        by_task = self.retention_by_task(label)
+        return mean([by_task[k] for k in self.common_keys(self.retention_by_task, self.students())])
 
     def asr_overall(self, label: str) -> Optional[float]:
-        per_task = self.ev.section("robustness").get(label, {})
-        return mean([number(_dig(per_task, task, "asr", "overall")) for task in per_task])
+        by_task = self.asr_by_task(label)
+        return mean([by_task.get(k) for k in self.common_keys(self.asr_by_task, self.labels)])
 
     def ood_drop(self, label: str) -> Optional[float]:
-        per_task = self.ev.section("ood").get(label, {})
-        drops = [number(v) for task in per_task for v in (_dig(per_task, task, "drop") or {}).values()]
-        return mean(drops)
+        by_set = self.ood_drop_by_set(label)
+        return mean([by_set.get(k) for k in self.common_keys(self.ood_drop_by_set, self.labels)])
+
+    def means_note(self) -> str:
+        """Which tasks the comparison table's means are over."""
+        parts = []
+        for name, keys in (("retention", self.common_keys(self.retention_by_task, self.students())),
+                           ("ASR", self.common_keys(self.asr_by_task, self.labels)),
+                           ("OOD drop", self.common_keys(self.ood_drop_by_set, self.labels))):
+            shown = [k if isinstance(k, str) else "/".join(k) for k in keys]
+            if shown:
+                parts.append(f"{name} over {', '.join(shown)}")
+        return ("Means are over the tasks that every model has a value for (" + "; ".join(parts) + ")."
+                if parts else "Means are over the tasks that every model has a value for.")
 
     def efficiency(self, label: str, key: str) -> Optional[float]:
         return number(_dig(self.ev.section("efficiency"), label, key))
@@ -270,7 +309,7 @@ class ReportBuilder:
         ranked = "the best student per column" if self.rank_students_only(self.labels) else "the best value per column"
         section.blocks.append(ranked_table(["model", "params", "method"], rows, cols, caption=(
             f"Bold: {ranked} (↑ higher is better, ↓ lower is better); the teacher row is the reference. "
-            "Each task column is that task's primary metric; means are over the tasks a model has.")))
+            f"Each task column is that task's primary metric. {self.means_note()}")))
         return section
 
     def _retention(self) -> Section:

@@ -149,6 +149,21 @@ def test_partial_summary_renders_with_notes(tmp_path, make_summary):
     assert "No robustness results" in html_path.read_text()
 
 
+def test_means_cover_only_the_tasks_every_model_has(tmp_path, make_summary):
+    # a student whose single correct gsm8k answer flipped (ASR 1.0, n = 1) next to a teacher with no gsm8k ASR,
+    # and an OOD set only one model was evaluated on: neither may move that model's mean
+    summary = make_summary()
+    summary["robustness"][FKL]["gsm8k"] = {"clean_accuracy": 0.02, "asr": {"overall": 1.0}, "n_correct_clean": 1}
+    summary["ood"][RKL]["ag_news"]["drop"]["amazon"] = 0.9
+    summary["retention"][RKL]["gsm8k"] = {"exact_match": None}
+    md = make_report([write_eval_folder(tmp_path / "eval", summary)], tmp_path / "out")[0].read_text()
+    rows = by_model(md_table(md, "model | params | method"))
+    assert rows[FKL]["ASR overall (mean) ↓"] == "0.170"  # ag_news only, as for the others
+    assert rows[RKL]["OOD drop (mean) ↓"] == "**0.190**"  # yahoo and dbpedia only
+    assert rows[FKL]["retention % (mean) ↑"] == "**92.9**" and rows[RKL]["retention % (mean) ↑"] == "86.4"
+    assert "retention over ag_news; ASR over ag_news; OOD drop over ag_news/yahoo, ag_news/dbpedia" in md.replace("\\", "")
+
+
 def test_results_only_summary(tmp_path, make_summary):
     summary = make_summary()
     for section in ("retention", "agreement", "robustness", "ood", "efficiency", "harness"):
