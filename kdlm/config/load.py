@@ -101,6 +101,9 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     return cls(**values)
 
 
+_YAML_BOOL_WORDS = {False: {"no", "off", "false", "n"}, True: {"yes", "on", "true", "y"}}
+
+
 def _check(tp: Any, value: Any, name: str, meta: typing.Mapping[str, Any]) -> Any:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -120,6 +123,11 @@ def _check(tp: Any, value: Any, name: str, meta: typing.Mapping[str, Any]) -> An
         raise ConfigError(errors[0] if len(errors) == 1 else f"{name}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, bool):
+            # YAML 1.1 reads an unquoted no/off/false as False and yes/on/true as True, so
+            # `mixed_precision: no` arrives as False: take it back to the choice it spelled
+            spelled = _YAML_BOOL_WORDS[value]
+            value = next((a for a in allowed if isinstance(a, str) and a.lower() in spelled), value)
         if value not in allowed:
             close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""

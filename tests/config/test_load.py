@@ -288,6 +288,16 @@ def test_bad_literal_suggests_the_nearest(recipe_path):
     assert "teacher.dtype" in message and "did you mean 'bfloat16'" in message
 
 
+def test_yaml_no_is_the_choice_no_not_false(recipe_path, tmp_path):
+    # YAML 1.1 reads an unquoted `no` as False; a choice spelled no/off must still be reachable
+    assert load_recipe(recipe_path, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "r.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_recipe(path).train.mixed_precision == "no"
+    message = config_error(recipe_path, ["train.mixed_precision=yes"])  # True has no choice to go back to
+    assert "train.mixed_precision" in message and "True is not one of" in message
+
+
 def test_bad_literal_in_a_list(recipe_path):
     message = config_error(recipe_path, ["train.report_to=[tensorbord]"])
     assert "train.report_to.0" in message and "did you mean 'tensorboard'" in message
