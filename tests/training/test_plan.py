@@ -30,6 +30,17 @@ def test_parts_add_up_and_follow_the_recipe(recipe_file, quiet_matmul):
     assert "teacher weights" not in cached.memory_mb and cached.tokens_per_s > base.tokens_per_s
 
 
+def test_lm_heads_are_timed_at_the_fp32_rate_under_autocast(recipe_file, monkeypatch):
+    import torch
+
+    rates = {torch.float32: 100.0, torch.bfloat16: 400.0}
+    monkeypatch.setattr(planner, "measure_matmul_gflops", lambda dtype, device, **kw: rates[dtype])
+    fp32 = planner.estimate(load_recipe(recipe_file, ["train.mixed_precision=no"]))
+    bf16 = planner.estimate(load_recipe(recipe_file, ["train.mixed_precision=bf16"]))
+    # the decoder bodies get the 4x faster bf16 rate, the LM heads and losses stay fp32
+    assert fp32.tokens_per_s < bf16.tokens_per_s < 4 * fp32.tokens_per_s
+
+
 def test_suggests_what_to_change_when_memory_is_short(recipe_file, quiet_matmul, monkeypatch):
     monkeypatch.setattr(planner, "_available_mb", lambda device: 10.0)
     plan = planner.estimate(load_recipe(recipe_file, ["loss.fused=false"]))
