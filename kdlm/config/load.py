@@ -101,7 +101,7 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     return cls(**values)
 
 
-_YAML_BOOL_WORDS = {False: {"no", "off", "false", "n"}, True: {"yes", "on", "true", "y"}}
+_YAML_BOOL_WORDS = {False: {"no", "off", "false"}, True: {"yes", "on", "true"}}
 
 
 def _check(tp: Any, value: Any, name: str, meta: typing.Mapping[str, Any]) -> Any:
