@@ -20,8 +20,9 @@ from kdlm.config.schema import LossConfig, Recipe
 from kdlm.errors import ConfigError
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Load `path` (or start from defaults when None), apply overrides, and return a validated Recipe."""
+def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *, root: type = Recipe) -> Any:
+    """Load `path` (or start from defaults when None), apply overrides, and return a validated `root`
+    (a distillation Recipe, or kdlm.config.generation.GenerateRecipe for `kdlm generate`)."""
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -36,11 +37,12 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             where = f" line {mark.line + 1}" if mark is not None else ""
             raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a recipe must be a mapping of sections (teacher, student, data, loss, train, output)")
+            sections = ", ".join(f.name for f in dataclasses.fields(root))
+            raise ConfigError(f"{path}: a recipe must be a mapping of sections ({sections})")
     for item in overrides:
         apply_override(raw, item)
     try:
-        return from_dict(Recipe, raw)
+        return from_dict(root, raw)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
 
