@@ -15,6 +15,10 @@ from kdlm.errors import DataError
 
 FILE_BUILDERS = {".csv": "csv", ".parquet": "parquet", ".json": "json"}
 
+# A dataset folder written by `kdlm generate`: JSONL shards listed in a manifest (kdlm.generation.dataset).
+DATASET_MANIFEST = "manifest.json"
+DATASET_FORMAT = "kdlm-dataset"
+
 
 @dataclass
 class RawRows:
@@ -35,6 +39,8 @@ def read_rows(source: str, split: str, *, skip_bad_rows: bool = False, limit: in
             raise DataError(f"{source}: data file not found")
         dataset = _load_file(path)
         first_line = 2 if path.suffix == ".csv" else None  # CSV row 0 sits on line 2, after the header
+    elif path.is_dir() and _is_kdlm_dataset(path):
+        return _read_kdlm_dataset(path, skip_bad_rows=skip_bad_rows, limit=limit)
     elif path.is_dir():
         dataset = _load_saved(path, split)
         first_line = None
@@ -73,6 +79,37 @@ def _read_jsonl(path: Path, *, skip_bad_rows: bool, limit: int | None) -> RawRow
                 raise DataError(f"{path}:{lineno}: invalid JSON line ({err}); set data.skip_bad_rows to skip such rows") from None
             out.rows.append(row)
             out.locations.append(f"{path}:{lineno}")
+    return out
+
+
+def _is_kdlm_dataset(path: Path) -> bool:
+    manifest = path / DATASET_MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text()).get("format") == DATASET_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _read_kdlm_dataset(path: Path, *, skip_bad_rows: bool, limit: int | None) -> RawRows:
+    """The rows of a `kdlm generate` folder: its JSONL shards in manifest order, each row located as `shard:line`."""
+    manifest = json.loads((path / DATASET_MANIFEST).read_text())
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise DataError(f"{path / DATASET_MANIFEST}: lists no data shards (is the generation finished?)")
+    bad = next((name for name in shards if not isinstance(name, str) or not name or Path(name).is_absolute()), None)
+    if bad is not None:
+        raise DataError(f"{path / DATASET_MANIFEST}: shard {bad!r} is not a file name inside the folder")
+    out = RawRows()
+    for name in shards:
+        left = None if limit is None else limit - len(out.rows)
+        if left is not None and left <= 0:
+            break
+        part = _read_jsonl(path / name, skip_bad_rows=skip_bad_rows, limit=left)
+        out.rows += part.rows
+        out.locations += part.locations
+        out.skipped += part.skipped
     return out
 
 
