@@ -1,6 +1,7 @@
 """The `kdlm` command line.
 
     kdlm distill RECIPE.yaml [--set key=value ...] [--resume]
+    kdlm generate RECIPE.yaml [--set ...] [--dry-run]  the teacher writes training data (black-box KD)
     kdlm init-student --teacher MODEL --layers N --output DIR
     kdlm cache-teacher RECIPE.yaml                   run the teacher once, store its top-k log-probs
     kdlm quickstart [--output DIR]
@@ -60,8 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from kdlm.cache.cli import add_cache_parser
     from kdlm.evaluation.cli import add_eval_parser
+    from kdlm.generation.cli import add_generate_parser
     from kdlm.report.cli import add_report_parser
 
+    add_generate_parser(sub)
     add_cache_parser(sub)
     add_eval_parser(sub)
     add_report_parser(sub)
@@ -219,6 +222,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return run_eval_command(args)
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kdlm.generation.cli import run_generate_command
+
+    return run_generate_command(args)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from kdlm.report.cli import run_report_command
 
@@ -227,6 +236,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "distill": cmd_distill,
+    "generate": cmd_generate,
     "eval": cmd_eval,
     "report": cmd_report,
     "cache-teacher": cmd_cache_teacher,

@@ -142,6 +142,10 @@ def _check(tp: Any, value: Any, name: str, meta: typing.Mapping[str, Any]) -> An
         return [_check(item_tp, item, f"{name}.{i}", meta) for i, item in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, f"{name}.")
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__} {value!r}")
+        return value
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{name}: expected true or false, got {value!r}")
