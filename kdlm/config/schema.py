@@ -12,9 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-# Names accepted in `loss.terms[].name`. Divergence names must match
-# kdlm.losses.DIVERGENCE_KINDS (a test keeps the two lists equal).
-TERM_NAMES = ("ce", "forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
+from kdlm.errors import ConfigError
+
+# Names accepted in `loss.terms[].name`. The first ones are computed from the student alone
+# (kdlm.losses.objective.STUDENT_TERMS); the divergence names must match kdlm.losses.DIVERGENCE_KINDS
+# (a test keeps the lists equal).
+STUDENT_TERM_NAMES = ("ce", "redi")
+TERM_NAMES = STUDENT_TERM_NAMES + ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -98,17 +102,49 @@ class DataConfig:
     )
     pack_length: Optional[int] = opt(None, "Tokens per packed row (null: max_length).", ge=8)
     skip_bad_rows: bool = opt(False, "Skip and count malformed rows instead of stopping at the first one.")
+    weight_field: Optional[str] = opt(
+        None, "Column holding a per-example loss weight (a number >= 0), e.g. written by kdlm generate's "
+        "step_by_step pipeline: every counted token of the example has its term values multiplied by it; "
+        "the loss is still divided by the plain count of counted tokens. null: every weight is 1."
+    )
+    negative_field: Optional[str] = opt(
+        None, "Column holding a bool: true marks a rejected (negative) completion. Negative rows count only in "
+        "the redi loss term (every other term gives them weight 0); null: no row is negative."
+    )
+    teacher_messages_field: Optional[str] = opt(
+        None, "Context distillation: column holding the teacher's version of the chat (a list of {role, content}, "
+        "e.g. with demonstrations before the question) whose last assistant turn(s) are the same text as the "
+        "student's. The teacher reads it, the student reads its own messages, and the divergence terms compare "
+        "them over the answer tokens. null: the teacher reads the student's input."
+    )
+
+    def __post_init__(self) -> None:
+        if self.teacher_messages_field is not None:
+            if self.packing:
+                raise ConfigError("data.teacher_messages_field: context distillation does not work with "
+                                  "data.packing: true (the teacher's rows are not packed); set data.packing: false")
+            if not self.completion_only:
+                raise ConfigError("data.teacher_messages_field: context distillation compares the answers only; "
+                                  "set data.completion_only: true")
 
 
 @dataclass
 class LossTerm:
     """One named, weighted term of the objective."""
 
-    name: str = opt("forward_kl", "Term name: ce, or a divergence: " + ", ".join(TERM_NAMES[1:]) + ".", choices=TERM_NAMES)
+    name: str = opt(
+        "forward_kl",
+        "Term name: ce (cross-entropy on the data's tokens), redi (REDI, Xu et al. 2025: length-normalised "
+        "cross-entropy on positive rows minus alpha times it on negative rows, see data.negative_field), or a "
+        "divergence from the teacher: " + ", ".join(TERM_NAMES[len(STUDENT_TERM_NAMES):]) + ".",
+        choices=TERM_NAMES,
+    )
     weight: float = opt(1.0, "Weight of this term in the sum.", ge=0.0)
     temperature: Optional[float] = opt(None, "Softmax temperature T (divergences only; scaled by T^2). null: loss.temperature.", gt=0.0)
     beta: Optional[float] = opt(None, "jsd: teacher's weight in the mixture m = beta*p_teacher + (1-beta)*p_student. null: loss.beta.", ge=0.0, le=1.0)
     skew: Optional[float] = opt(None, "skew_*: weight of the reference's own distribution in the skewed mixture. null: loss.skew.", ge=0.0, lt=1.0)
+    alpha: Optional[float] = opt(None, "redi: weight of the negative rows' term (their per-token coefficient is "
+                                 "-alpha/|y|). null: loss.redi_alpha.", ge=0.0)
 
 
 @dataclass
@@ -123,6 +159,9 @@ class LossConfig:
     temperature: float = opt(1.0, "Default temperature for divergence terms that do not set one.", gt=0.0)
     beta: float = opt(0.5, "Default jsd beta (teacher's weight in the mixture; 0.5 = symmetric JSD).", ge=0.0, le=1.0)
     skew: float = opt(0.1, "Default skew for skew_forward_kl / skew_reverse_kl (DistiLLM uses 0.1).", ge=0.0, lt=1.0)
+    redi_alpha: float = opt(0.8, "Default alpha of redi terms: weight of the negative completions against the positive ones "
+                            "(REDI's 0.8: alpha < 1 keeps the push on negatives weaker than the pull on positives, "
+                            "which the paper found stable).", ge=0.0)
     fused: bool = opt(True, "Compute the LM head and the losses chunk by chunk, never holding [tokens, vocab] logits "
                       "for all tokens (same values and gradients as the unfused path).")
     chunk_mb: int = opt(256, "Byte budget (MiB) of one chunk's [rows, vocab] buffers on the fused path.", ge=1)
@@ -176,3 +215,8 @@ class Recipe:
     loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "The objective."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Optimisation and bookkeeping."})
     output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "Outputs."})
+
+    def __post_init__(self) -> None:
+        if self.data.teacher_messages_field is not None and self.teacher.source == "cache":
+            raise ConfigError("data.teacher_messages_field: context distillation needs the live teacher (a cache "
+                              "holds its signal on the student's input); set teacher.source: live")

@@ -11,7 +11,8 @@ Here the head and the loss run together, a chunk of rows at a time (Liger-Kernel
         z_c       = h_c @ W[:vocab].T + b                # [n, V] fp32, compute dtype
         s_c       = softcap * tanh(scale * z_c / softcap) # student logits, in place
         t_c       = teacher head on the teacher rows      # [n, V], no grad
-        loss_c    = sum_k weight_k * term_k(s_c, t_c)      # per-term SUMS over the chunk's rows
+        loss_c    = sum_k weight_k * term_k(s_c, t_c; c_k)  # per-term SUMS over the chunk's rows, each
+                                                       # token's value times its coefficient c_kn if any
         g_c       = d loss_c / d s_c  (torch.autograd.grad, NOW, in the forward pass)
         g_z       = g_c * scale * (1 - tanh^2)             # chain through the soft-capping
         grad_h[c] = g_z @ W ;  grad_W += g_z.T @ h_c ;  grad_b += sum_rows g_z
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdlm.losses.divergences import get_divergence, per_position_divergence
-from kdlm.losses.objective import LMHead, Term
+from kdlm.losses.objective import STUDENT_TERMS, LMHead, Term, ce_sum, check_coefficients, coefficient_sum
 from kdlm.losses.sparse import SparseTeacher, sparse_term_sums
 
 # Key of the weighted total in `fused_sums`' result: the only entry that carries a gradient.
@@ -70,6 +71,7 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20
 _BASE_BUFFERS = 2
 _TERM_BUFFERS = {
     "ce": 2,
+    "redi": 2,  # ce with per-token coefficients: the same [n, V] buffers, plus [n] vectors
     "forward_kl": 7,
     "reverse_kl": 7,
     "tvd": 4,
@@ -86,7 +88,7 @@ def chunk_buffers(term_names: Sequence[str], *, softcap: bool = False) -> int:
     _BASE_BUFFERS (+1 teacher logits if a term is a divergence, +1 with soft-capping, +1 with
     several terms) plus the largest term's own count. forward_kl alone: K = 2 + 1 + 7 = 10.
     """
-    needs_teacher = any(name != "ce" for name in term_names)
+    needs_teacher = any(name not in STUDENT_TERMS for name in term_names)
     buffers = _BASE_BUFFERS + int(needs_teacher) + int(softcap) + int(len(term_names) > 1)
     return buffers + max((_TERM_BUFFERS.get(name, _UNKNOWN_TERM_BUFFERS) for name in term_names), default=0)
 
@@ -133,17 +135,19 @@ def _head_logits(
 
 
 def _term_sum(student_logits: Tensor, teacher_logits: Union[Tensor, SparseTeacher, None], targets: Optional[Tensor],
-              term: Term) -> Tensor:
-    """One term's SUM over the chunk's rows (0-dim), exactly as objective.term_sums (dense teacher logits)
-    or sparse.sparse_term_sums (a cached top-k teacher) computes it."""
+              term: Term, coefficient: Optional[Tensor]) -> Tensor:
+    """One term's SUM over the chunk's rows (0-dim), each row's value times its `coefficient` [n] when given,
+    exactly as objective.term_sums (dense teacher logits) or sparse.sparse_term_sums (a cached top-k teacher)
+    computes it."""
     if isinstance(teacher_logits, SparseTeacher):
-        return sparse_term_sums(student_logits, teacher_logits, targets, [term])[term.label]
-    if term.name == "ce":
-        return F.cross_entropy(student_logits, targets, reduction="sum")
+        coefficients = coefficient.unsqueeze(0) if coefficient is not None else None  # [1, n]
+        return sparse_term_sums(student_logits, teacher_logits, targets, [term], coefficients=coefficients)[term.label]
+    if term.name in STUDENT_TERMS:
+        return ce_sum(student_logits, targets, coefficient)
     per_position = per_position_divergence(
         student_logits, teacher_logits, term.name, temperature=term.temperature, beta=term.beta, skew=term.skew
     )  # [n]
-    return per_position.sum() * term.temperature**2
+    return coefficient_sum(per_position, coefficient) * term.temperature**2
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,7 @@ class _FusedLMHeadLoss(torch.autograd.Function):
         targets: Optional[Tensor],  # [N] long or None
         plan: _Plan,
         sparse: Optional[SparseTeacher] = None,  # a cached top-k teacher [N, k] instead of hidden states
+        coefficients: Optional[Tensor] = None,  # [K, N] per-term token coefficients (compute dtype), or None
     ) -> tuple[Tensor, Tensor]:
         vocab, n_rows = plan.vocab, student_hidden.shape[0]
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -212,6 +217,7 @@ class _FusedLMHeadLoss(torch.autograd.Function):
                         teacher_hidden[rows].detach(), weight_t, bias_t, plan.teacher_scale, plan.teacher_softcap
                     )  # [n, V], no grad
                 targets_c = targets[rows] if targets is not None else None  # [n]
+                coefficients_c = coefficients[:, rows] if coefficients is not None else None  # [K, n]
 
                 # d total / d student_logits, one term at a time: each term's graph is freed
                 # before the next one is built, so only one term's buffers are alive at once
@@ -219,7 +225,8 @@ class _FusedLMHeadLoss(torch.autograd.Function):
                 grad_logits = None  # [n, V]
                 for k, term in enumerate(plan.terms):
                     with torch.enable_grad():
-                        term_sum = _term_sum(leaf, teacher_logits, targets_c, term)  # 0-dim
+                        term_sum = _term_sum(leaf, teacher_logits, targets_c, term,
+                                             coefficients_c[k] if coefficients_c is not None else None)  # 0-dim
                     values[k] += term_sum.detach()
                     if not need_grad or term.weight == 0:
                         continue
@@ -281,7 +288,7 @@ class _FusedLMHeadLoss(torch.autograd.Function):
             grad.mul_(grad_total).to(dtype) if grad is not None else None
             for grad, dtype in zip(ctx.saved_tensors, ctx.input_dtypes)
         ]
-        return (*scaled, None, None, None, None, None, None)
+        return (*scaled, None, None, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -310,7 +317,7 @@ def _check_terms(terms: Sequence[Term]) -> tuple[Term, ...]:
     if TOTAL_KEY in labels:
         raise ValueError(f"{TOTAL_KEY!r} is reserved for the weighted total")
     for term in terms:
-        if term.name != "ce":
+        if term.name not in STUDENT_TERMS:
             get_divergence(term.name)  # ValueError listing the valid kinds
             if not 0 <= term.beta <= 1:
                 raise ValueError(f"term {term.label!r}: beta must be in [0, 1], got {term.beta}")
@@ -346,12 +353,14 @@ def _fused_total_and_values(
     targets: Optional[Tensor],
     terms: Sequence[Term],
     chunk_bytes: int,
+    coefficients: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Validate, plan the chunks, run the fused Function. Rows are the counted rows already."""
     terms = _check_terms(terms)
     vocab = student_head.vocab
     _check_head(student_hidden, student_head.weight, student_head.bias, vocab, "student")
     n_rows = student_hidden.shape[0]
+    check_coefficients(coefficients, terms, n_rows)
     sparse = teacher_hidden if isinstance(teacher_hidden, SparseTeacher) else None
     if sparse is not None:
         if sparse.ids.shape[0] != n_rows:
@@ -367,9 +376,9 @@ def _fused_total_and_values(
             raise ValueError(f"student has {n_rows} rows but teacher {teacher_hidden.shape[0]}")
     else:  # ce only: never run the teacher head
         teacher_hidden = teacher_head = None
-    if any(term.name == "ce" for term in terms):
+    if any(term.name in STUDENT_TERMS for term in terms):
         if targets is None:
-            raise ValueError("a ce term needs targets")
+            raise ValueError(f"a {'/'.join(STUDENT_TERMS)} term needs targets")
         if tuple(targets.shape) != (n_rows,) or targets.dtype != torch.long:
             raise ValueError(f"targets must be [{n_rows}] long, got {tuple(targets.shape)} {targets.dtype}")
     else:
@@ -379,6 +388,8 @@ def _fused_total_and_values(
     student_softcap = _check_softcap(student_head.softcap or None, "student")
     teacher_softcap = _check_softcap(teacher_head.softcap or None, "teacher") if teacher_head is not None else None
     dtype = torch.promote_types(torch.promote_types(student_hidden.dtype, student_head.weight.dtype), torch.float32)
+    if coefficients is not None:
+        coefficients = coefficients.detach().to(dtype)  # [K, N]: data, never differentiated
     plan = _Plan(
         terms=terms,
         vocab=vocab,
@@ -401,6 +412,7 @@ def _fused_total_and_values(
         targets,
         plan,
         sparse,
+        coefficients,
     )
 
 
@@ -416,11 +428,13 @@ def fused_sums(
     terms: Sequence[Term],
     *,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    coefficients: Optional[Tensor] = None,
 ) -> dict[str, Tensor]:
     """Fused `objective.term_sums`: per-term sums over counted rows, one chunk loop for all terms.
 
     student_hidden [N, H_s] and teacher_hidden [N, H_t] are the counted rows (any dtype);
-    targets [N] long for a ce term. Each chunk's logits are computed once for all terms.
+    targets [N] long for a ce or redi term; coefficients [K, N] the per-term token coefficients
+    (`objective.token_coefficients`; None: all 1). Each chunk's logits are computed once for all terms.
     teacher_hidden may instead be a `SparseTeacher` (an offline top-k cache; teacher_head None):
     each chunk then uses its rows of the cached signal, as `sparse.sparse_term_sums` does.
 
@@ -429,11 +443,11 @@ def fused_sums(
     weighted total, not one gradient per term (that would need one [V, H] accumulator per term).
     So backprop `sums[TOTAL_KEY] / global_count`, not `weighted_total(sums, terms)`. Values and
     the gradient of the total equal term_sums(student_head.logits(student_hidden),
-    teacher_head.logits(teacher_hidden), targets, terms) and weighted_total of it.
+    teacher_head.logits(teacher_hidden), targets, terms, coefficients=coefficients) and weighted_total of it.
     A divergence sum is T^2 * sum_n D(p_T,n || p_S,n); ce is sum_n -log p_S,n(target_n) (T ignored).
     """
     total, values = _fused_total_and_values(
-        student_hidden, student_head, teacher_hidden, teacher_head, targets, terms, chunk_bytes
+        student_hidden, student_head, teacher_hidden, teacher_head, targets, terms, chunk_bytes, coefficients
     )
     sums = {term.label: values[k] for k, term in enumerate(terms)}
     sums[TOTAL_KEY] = total

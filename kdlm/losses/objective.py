@@ -3,6 +3,18 @@
 Each term returns a SUM over counted tokens; the trainer divides the weighted sum once
 by the global number of counted tokens in the optimizer step (all micro-batches, all
 processes). Dividing per micro-batch, or twice, is a known peer bug (PEERS.md #8).
+
+Token coefficients. A term may weigh its per-token values: sum_n c_kn * l_kn, with one
+coefficient per term k and counted token n (`token_coefficients`, a [K, N] tensor; None means
+every c_kn = 1 and the plain sum is taken). They carry, in one mechanism:
+- per-example loss weights w (data.weight_field): c_kn = w_n for every term;
+- negative rows (data.negative_field): c_kn = 0 for every term but redi;
+- REDI (Xu et al. 2025, "Harnessing negative signals: reinforcement distillation from teacher
+  data"): l_n = -log p_student(y_n) and c_n = w_n / |y| on a positive row, -alpha * w_n / |y| on a
+  negative one, |y| = that example's counted tokens. Per pair this is REDI's
+  L = -(1/|y+|) log p(y+|x) + alpha (1/|y-|) log p(y-|x).
+The denominator stays the plain count N of counted tokens, so loss = sum_k weight_k sum_n c_kn l_kn / N;
+for redi this rescales REDI's per-pair mean by (pairs / tokens) of the step.
 """
 
 from __future__ import annotations
@@ -17,24 +29,29 @@ from torch import Tensor
 from kdlm.losses.divergences import per_position_divergence
 
 
+# Terms computed from the student's cross-entropy on the data's tokens alone: no teacher needed.
+STUDENT_TERMS = ("ce", "redi")
+
+
 @dataclass(frozen=True)
 class Term:
     """A resolved objective term: every default filled in."""
 
     label: str  # unique name used in logs (`forward_kl`, or `forward_kl_1` for a second one)
-    name: str  # ce or a divergence kind
+    name: str  # ce, redi or a divergence kind
     weight: float
     temperature: float
     beta: float
     skew: float
+    alpha: float = 0.8  # redi: weight of the negative rows
 
     @property
     def needs_teacher(self) -> bool:
-        return self.name != "ce"
+        return self.name not in STUDENT_TERMS
 
 
 def resolve_terms(loss_cfg) -> list[Term]:
-    """Fill each term's temperature/beta/skew from the loss section's defaults; give duplicates unique labels."""
+    """Fill each term's temperature/beta/skew/alpha from the loss section's defaults; give duplicates unique labels."""
     terms, seen = [], {}
     for t in loss_cfg.terms:
         count = seen.get(t.name, 0)
@@ -46,8 +63,69 @@ def resolve_terms(loss_cfg) -> list[Term]:
             temperature=t.temperature if t.temperature is not None else loss_cfg.temperature,
             beta=t.beta if t.beta is not None else loss_cfg.beta,
             skew=t.skew if t.skew is not None else loss_cfg.skew,
+            alpha=t.alpha if t.alpha is not None else loss_cfg.redi_alpha,
         ))
     return terms
+
+
+def token_coefficients(
+    terms: list[Term],
+    *,
+    weights: Optional[Tensor] = None,
+    negative: Optional[Tensor] = None,
+    example: Optional[Tensor] = None,
+    dtype: torch.dtype = torch.float32,
+) -> Optional[Tensor]:
+    """Per-term coefficients c [K, N] of the N counted tokens (see the module docstring), or None when every
+    coefficient is 1 (no weights, no negatives, no redi term): the terms then take plain sums.
+
+    weights: [N] fp32 per-token example weight w_n (None: all 1); negative: [N] bool (None: none);
+    example: [N] long, which example each token belongs to (needed by redi for |y|, ids need not be dense);
+    dtype: of the result (the losses cast it to their compute dtype).
+    Ordinary terms: c_n = w_n * [not negative_n]. redi: c_n = w_n * (-alpha if negative_n else 1) / |y(n)|.
+    """
+    redi = any(term.name == "redi" for term in terms)
+    if weights is None and negative is None and not redi:
+        return None
+    n = next(t.shape[0] for t in (weights, negative, example) if t is not None)
+    device = next(t.device for t in (weights, negative, example) if t is not None)
+    weight = weights.to(dtype) if weights is not None else torch.ones(n, dtype=dtype, device=device)  # [N]
+    plain = weight * ~negative if negative is not None else weight  # [N]: negatives count in redi only
+    rows = []
+    for term in terms:
+        if term.name != "redi":
+            rows.append(plain)
+            continue
+        if example is None:
+            raise ValueError("the redi term needs `example` (which example each counted token belongs to)")
+        _, inverse, lengths = torch.unique(example, return_inverse=True, return_counts=True)
+        per_token = weight / lengths[inverse].to(dtype)  # [N]: w / |y|
+        rows.append(torch.where(negative, -term.alpha * per_token, per_token) if negative is not None else per_token)
+    return torch.stack(rows)  # [K, N]
+
+
+def check_coefficients(coefficients: Optional[Tensor], terms, rows: int) -> None:
+    """A redi term needs coefficients (its 1/|y|), and they must be one row per term, one column per token."""
+    if coefficients is None:
+        if any(term.name == "redi" for term in terms):
+            raise ValueError("the redi term needs token coefficients (objective.token_coefficients)")
+        return
+    if tuple(coefficients.shape) != (len(terms), rows):
+        raise ValueError(f"coefficients must be [{len(terms)} terms, {rows} tokens], got {tuple(coefficients.shape)}")
+
+
+def coefficient_sum(per_position: Tensor, coefficient: Optional[Tensor]) -> Tensor:
+    """sum_n c_n * values_n (0-dim); the plain sum when `coefficient` is None (bit-identical to before)."""
+    if coefficient is None:
+        return per_position.sum()
+    return (per_position * coefficient.to(per_position.dtype)).sum()
+
+
+def ce_sum(student_logits: Tensor, targets: Tensor, coefficient: Optional[Tensor] = None) -> Tensor:
+    """sum_n c_n * -log p_student(target_n): the ce and redi terms' value (0-dim)."""
+    if coefficient is None:
+        return F.cross_entropy(student_logits, targets, reduction="sum")
+    return coefficient_sum(F.cross_entropy(student_logits, targets, reduction="none"), coefficient)
 
 
 @dataclass(frozen=True)
@@ -97,24 +175,30 @@ def term_sums(
     teacher_logits: Optional[Tensor],
     targets: Tensor,
     terms: list[Term],
+    *,
+    coefficients: Optional[Tensor] = None,
 ) -> dict[str, Tensor]:
-    """Per-term sums over counted tokens (no normalisation, no weights).
+    """Per-term sums over counted tokens (no normalisation, no term weights).
 
     student_logits: [N, V] fp32, one row per counted position; teacher_logits: [N, V] fp32 or None
-    when no term needs the teacher; targets: [N] token ids for the ce term.
-    A divergence term is T^2 * sum_n D(p_teacher_n, p_student_n) at its temperature T (Hinton's T^2
-    keeps gradient magnitudes comparable across temperatures).
+    when no term needs the teacher; targets: [N] token ids for the ce and redi terms; coefficients:
+    [K, N] per-term token coefficients c_kn (`token_coefficients`; None: all 1).
+    ce and redi are sum_n c_n * -log p_student(target_n). A divergence term is
+    T^2 * sum_n c_n * D(p_teacher_n, p_student_n) at its temperature T (Hinton's T^2 keeps gradient
+    magnitudes comparable across temperatures).
     """
+    check_coefficients(coefficients, terms, student_logits.shape[0])
     sums = {}
-    for term in terms:
-        if term.name == "ce":
-            sums[term.label] = F.cross_entropy(student_logits, targets, reduction="sum")
+    for k, term in enumerate(terms):
+        coefficient = coefficients[k] if coefficients is not None else None  # [N] or None
+        if term.name in STUDENT_TERMS:
+            sums[term.label] = ce_sum(student_logits, targets, coefficient)
         else:
             per_pos = per_position_divergence(
                 student_logits, teacher_logits, term.name,
                 temperature=term.temperature, beta=term.beta, skew=term.skew,
             )  # [N]
-            sums[term.label] = per_pos.sum() * term.temperature**2
+            sums[term.label] = coefficient_sum(per_pos, coefficient) * term.temperature**2
     return sums
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdlm.losses.divergences import get_divergence
-from kdlm.losses.objective import Term
+from kdlm.losses.objective import STUDENT_TERMS, Term, ce_sum, check_coefficients, coefficient_sum
 
 SparseMode = Literal["tail_bucket", "renormalized"]
 MODES = ("tail_bucket", "renormalized")
@@ -127,19 +127,23 @@ def sparse_term_sums(
     terms: list[Term],
     *,
     mode: SparseMode = "tail_bucket",
+    coefficients: Optional[Tensor] = None,
 ) -> dict[str, Tensor]:
     """Per-term sums over counted tokens, as `objective.term_sums` but against a sparse teacher.
 
     student_logits: [N, V] fp32 (full vocabulary; the ce term and the student's tail need it);
-    teacher: the SparseTeacher of the same N positions (None when no term needs it); targets: [N].
-    A divergence term is T^2 * sum_n D(teacher buckets, student buckets) with D the registered
+    teacher: the SparseTeacher of the same N positions (None when no term needs it); targets: [N];
+    coefficients: [K, N] per-term token coefficients (`objective.token_coefficients`; None: all 1).
+    A divergence term is T^2 * sum_n c_n * D(teacher buckets, student buckets) with D the registered
     divergence of that name. The teacher's log-probs are already at the cache temperature, so every
     divergence term must use that temperature (checked when `teacher.temperature` is set).
     """
+    check_coefficients(coefficients, terms, student_logits.shape[0])
     sums: dict[str, Tensor] = {}
-    for term in terms:
-        if term.name == "ce":
-            sums[term.label] = F.cross_entropy(student_logits, targets, reduction="sum")
+    for k, term in enumerate(terms):
+        coefficient = coefficients[k] if coefficients is not None else None  # [N] or None
+        if term.name in STUDENT_TERMS:
+            sums[term.label] = ce_sum(student_logits, targets, coefficient)
             continue
         if teacher is None:
             raise ValueError(f"term {term.label} needs the teacher's signal, got None")
@@ -148,7 +152,7 @@ def sparse_term_sums(
                              f"log-probabilities are at temperature {teacher.temperature}")
         student_lp, teacher_lp = sparse_logprobs(student_logits, teacher, term.temperature, mode)
         per_pos = get_divergence(term.name)(student_lp, teacher_lp, beta=term.beta, skew=term.skew)  # [N]
-        sums[term.label] = per_pos.sum() * term.temperature**2
+        sums[term.label] = coefficient_sum(per_pos, coefficient) * term.temperature**2
     return sums
 
 

@@ -436,9 +436,11 @@ def test_config_reference_command_writes_the_reference(tmp_path):
 
 def test_term_names_match_divergence_registry():
     from kdlm.losses import DIVERGENCE_KINDS
+    from kdlm.losses.objective import STUDENT_TERMS
 
-    assert schema.TERM_NAMES[0] == "ce"
-    assert set(schema.TERM_NAMES[1:]) == set(DIVERGENCE_KINDS)
+    assert schema.STUDENT_TERM_NAMES == STUDENT_TERMS == ("ce", "redi")
+    assert schema.TERM_NAMES[: len(STUDENT_TERMS)] == STUDENT_TERMS
+    assert set(schema.TERM_NAMES[len(STUDENT_TERMS):]) == set(DIVERGENCE_KINDS)
     assert len(schema.TERM_NAMES) == len(set(schema.TERM_NAMES))
 
 
