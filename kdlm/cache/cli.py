@@ -28,6 +28,9 @@ def add_cache_parser(subparsers) -> argparse.ArgumentParser:
                    help="examples per teacher forward (default: train.batch_size)")
     p.add_argument("--shard-rows", type=int, default=None, metavar="N",
                    help="positions per shard file of a new cache (default: 1048576, 256 MiB at k=64)")
+    p.add_argument("--from-logprobs", action="store_true",
+                   help="grey-box KD: build the cache from the top-k log-probs that `kdlm generate` (generate.logprobs) "
+                        "stored in the data rows (an API or vLLM teacher), without loading the teacher's weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -39,5 +42,5 @@ def run_cache_command(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     capture_teacher(recipe, show_progress=not args.no_progress, batch_size=args.batch_size,
-                    shard_rows=args.shard_rows)
+                    shard_rows=args.shard_rows, from_logprobs=args.from_logprobs)
     return 0

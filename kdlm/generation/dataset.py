@@ -90,15 +90,14 @@ def write_dataset(out: Path, recipe, rows: list[dict], summary: dict, *, pipelin
 
 def apply_filters(recipe, rows: list[dict]) -> tuple[list[dict], list[tuple[dict, str]]]:
     """The recipe's hygiene filters in order; returns (kept, [(row, "filter: reason")])."""
-    from kdlm.generation.filters import get_filter
+    from kdlm.generation.filters import run_filter
 
     dropped: list[tuple[dict, str]] = []
     for step in recipe.generate.filters:
-        fn = get_filter(step.name)
         options = dict(step.options)
         if step.name == "end_of_turn" and "tokenizer" not in options:
             options["tokenizer"] = _student_tokenizer(recipe, options.pop("student", None))
-        rows, out = fn(rows, **options)
+        rows, out = run_filter(step.name, rows, **options)
         dropped += [(row, f"{step.name}: {reason}") for row, reason in out]
     return rows, dropped
 

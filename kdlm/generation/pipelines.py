@@ -434,10 +434,13 @@ class SelfInstruct(Pipeline):
     async def prepare(self, gen, items: list[Item]) -> list[Item]:
         import asyncio
 
-        from kdlm.generation.filters import rouge_l_max
+        from kdlm.generation.filters import RougeLIndex
 
         g = gen.recipe.generate
         pool = [it.text for it in items]  # seed instructions count for the ROUGE-L check too
+        index = RougeLIndex()  # one index of the pool: each check costs the candidates that could still match
+        for text in pool:
+            index.add(text)
         kept: list[str] = []
         rejected: dict[str, int] = {}
         rounds = 0
@@ -447,7 +450,7 @@ class SelfInstruct(Pipeline):
             batch = []
             for j in range(g.concurrency):
                 rng = random.Random(hash((g.seed, rounds, j)) & 0xFFFFFFFF)
-                shown = rng.sample(pool[: len(items)], min(g.seed_tasks_per_prompt, len(items)))
+                shown = rng.sample(pool, min(g.seed_tasks_per_prompt, len(pool)))
                 if kept:
                     shown += rng.sample(kept, min(g.generated_per_prompt, len(kept)))
                 batch.append(self.prompt(shown, g))
@@ -458,11 +461,11 @@ class SelfInstruct(Pipeline):
             for (messages, start), samples in zip(batch, results):
                 for s in samples:
                     for inst in parse_instructions(s.text, start):
-                        reason = self.reject_reason(inst, pool, g, banned, rouge_l_max)
+                        reason = self.reject_reason(inst, index, g, banned)
                         if reason:
                             rejected[reason] = rejected.get(reason, 0) + 1
                             continue
-                        pool.append(inst)
+                        index.add(inst)
                         kept.append(inst)
                         self.origin[inst] = (s.key, rounds)
                         if len(kept) >= g.num_instructions:
@@ -487,7 +490,7 @@ class SelfInstruct(Pipeline):
         return [{"role": "user", "content": text}], start
 
     @staticmethod
-    def reject_reason(inst: str, pool: list[str], g, banned, rouge_l_max) -> Optional[str]:
+    def reject_reason(inst: str, index, g, banned) -> Optional[str]:
         words = inst.split()
         if not (g.min_words <= len(words) <= g.max_words):
             return "length"
@@ -495,7 +498,7 @@ class SelfInstruct(Pipeline):
             return "keyword"
         if not inst[0].isalnum() or not inst.isascii():
             return "format"
-        if rouge_l_max(inst, pool) > g.rouge_threshold:
+        if index.max_score(inst)[0] > g.rouge_threshold:
             return "rouge"
         return None
 

@@ -167,14 +167,17 @@ class GenerationResult:
 
 
 def generate(recipe: GenerateRecipe, *, limits: Optional[Limits] = None, dry_run: bool = False,
-             show_progress: bool = True, model=None, tokenizer=None) -> GenerationResult:
-    """Run `recipe`; returns where the dataset is and the closing summary. `model`/`tokenizer`: an already
-    loaded local teacher for the transformers backend (the quickstart passes none; tests pass tiny ones)."""
+             show_progress: bool = True, model=None, tokenizer=None, backend=None) -> GenerationResult:
+    """Run `recipe`; returns where the dataset is and the closing summary.
+
+    model/tokenizer: an already loaded local teacher for the transformers backend. backend: a ready Backend
+    object (kdlm.generation.backends.base.Backend) used instead of the one the recipe names (API users, tests)."""
     return asyncio.run(_generate(recipe, limits or Limits(), dry_run=dry_run, show_progress=show_progress,
-                                 model=model, tokenizer=tokenizer))
+                                 model=model, tokenizer=tokenizer, backend=backend))
 
 
-async def _generate(recipe: GenerateRecipe, limits: Limits, *, dry_run: bool, show_progress: bool, model, tokenizer):
+async def _generate(recipe: GenerateRecipe, limits: Limits, *, dry_run: bool, show_progress: bool, model, tokenizer,
+                    backend=None):
     from kdlm.generation.dataset import write_dataset
     from kdlm.generation.pipelines import get_pipeline
 
@@ -197,9 +200,11 @@ async def _generate(recipe: GenerateRecipe, limits: Limits, *, dry_run: bool, sh
         return GenerationResult(out, 0, summary)
     fresh = _check_output(out, recipe)
     cache_dir = Path(g.cache_dir).expanduser() if g.cache_dir else out / "request_cache"
-    counters = Counters()
-    backend = make_backend(recipe.teacher, counters, concurrency=g.concurrency, want_logprobs=g.logprobs,
-                           cache_dir=cache_dir, model=model, tokenizer=tokenizer)
+    if backend is None:
+        counters = Counters()
+        backend = make_backend(recipe.teacher, counters, concurrency=g.concurrency, want_logprobs=g.logprobs,
+                               cache_dir=cache_dir, model=model, tokenizer=tokenizer)
+    counters = backend.counters
     started = time.perf_counter()
     caps = await backend.start()  # the capability probe: a 401 or an unknown model stops here, nothing written
     if g.logprobs and not caps.logprobs:

@@ -117,6 +117,7 @@ class OpenAIBackend(Backend):
         self._tpm = RateLimiter(cfg.tokens_per_minute)
         self._client = None
         self._rng = random.Random()
+        self._failures_in_a_row = 0
 
     # ------------------------------------------------------------------ start-up
 
@@ -167,10 +168,15 @@ class OpenAIBackend(Backend):
                     return Capabilities(**saved["capabilities"])
             except (ValueError, TypeError, KeyError):
                 pass
-        body = {"model": self.model, "messages": PROBE_MESSAGES, "max_tokens": 1, "n": 2, "temperature": 1.0, "seed": 0}
+        body = {"model": self.model, "messages": PROBE_MESSAGES, "max_tokens": 1, "n": 2, "temperature": 1.0}
+        if self.cfg.send_seed:
+            body["seed"] = 0
         if self.want_logprobs:
             body.update(logprobs=True, top_logprobs=self.want_logprobs)
-        data, _ = await self._post(body, url_index=0)
+        try:
+            data, _ = await self._post(body, url_index=0)
+        except RequestFailed as err:
+            raise FatalBackendError(f"{self.urls[0]}: the capability probe failed: {err.message}") from None
         choices = data.get("choices") or []
         notes = []
         n_ok = len(choices) >= 2
@@ -209,7 +215,9 @@ class OpenAIBackend(Backend):
     def _body(self, request: SampleRequest, n: int, seed: int) -> dict[str, Any]:
         s = request.sampling
         body: dict[str, Any] = {"model": self.model, "messages": request.messages, "max_tokens": s.max_new_tokens,
-                                "temperature": s.temperature, "top_p": s.top_p, "n": n, "seed": seed}
+                                "temperature": s.temperature, "top_p": s.top_p, "n": n}
+        if self.cfg.send_seed:
+            body["seed"] = seed
         if s.top_k is not None:
             body["top_k"] = s.top_k  # vLLM / SGLang extension
         if s.stop:
@@ -225,7 +233,15 @@ class OpenAIBackend(Backend):
         await self._rpm.acquire(1)
         await self._tpm.acquire(estimate)
         started = time.perf_counter()
-        data, (attempts, url) = await self._post(body, url_index=next(self._next_url))
+        try:
+            data, (attempts, url) = await self._post(body, url_index=next(self._next_url))
+        except RequestFailed as err:
+            self._failures_in_a_row += 1
+            if self._failures_in_a_row >= self.cfg.max_consecutive_failures:
+                raise FatalBackendError(f"{', '.join(self.urls)}: {self._failures_in_a_row} requests in a row failed "
+                                        f"(last: {err.message}); stopping (teacher.max_consecutive_failures)") from None
+            raise
+        self._failures_in_a_row = 0
         latency = time.perf_counter() - started
         choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
         if len(choices) < n:
