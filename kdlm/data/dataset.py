@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
-from kdlm.data.encode import IGNORE, RowError, detect_format, encode_row
+from kdlm.data.encode import IGNORE, RowError, detect_format, encode_row, example_negative, example_weight
 from kdlm.data.sources import RawRows, read_rows
 from kdlm.errors import DataError
 
@@ -21,6 +21,20 @@ class Example:
     labels: list[int]
     position_ids: Optional[list[int]] = None  # packed rows only: positions restart at 0 for each member
     members: Optional[list[str]] = None  # packed rows only: sample ids of the examples in the row, in order
+    weight: float = 1.0  # loss weight of every counted token (data.weight_field)
+    negative: bool = False  # a rejected completion: counted by the redi term only (data.negative_field)
+    teacher_input_ids: Optional[list[int]] = None  # context distillation: the teacher's own input ...
+    teacher_labels: Optional[list[int]] = None  # ... whose counted tokens are the student's counted tokens
+    member_weights: Optional[list[float]] = None  # packed rows only: each member's weight, in order
+    member_negatives: Optional[list[bool]] = None  # packed rows only: each member's negative flag, in order
+
+    def spans(self) -> list[tuple[int, int, float, bool]]:
+        """(start, end, weight, negative) of each example in the row: the row itself, or each packed member."""
+        if self.position_ids is None or self.member_weights is None:
+            return [(0, len(self.input_ids), self.weight, self.negative)]
+        starts = [i for i, p in enumerate(self.position_ids) if p == 0] + [len(self.input_ids)]
+        negatives = self.member_negatives or [False] * len(self.member_weights)
+        return [(a, b, w, n) for a, b, w, n in zip(starts, starts[1:], self.member_weights, negatives)]
 
 
 @dataclass
@@ -34,12 +48,14 @@ class DataReport:
     train_examples: int = 0
     validation_examples: int = 0
     train_counted_tokens: int = 0
+    negative_examples: int = 0  # train + validation examples marked negative by data.negative_field
     formats: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
+        negatives = f" ({self.negative_examples} negative)" if self.negative_examples else ""
         return (
-            f"{self.rows} rows -> {self.train_examples} train / {self.validation_examples} validation examples; "
-            f"{self.train_counted_tokens} counted train tokens; truncated {self.truncated}, "
+            f"{self.rows} rows -> {self.train_examples} train / {self.validation_examples} validation examples"
+            f"{negatives}; {self.train_counted_tokens} counted train tokens; truncated {self.truncated}, "
             f"skipped bad {self.skipped_bad}, dropped with nothing to learn {self.dropped_empty}"
         )
 
@@ -55,6 +71,8 @@ def encode_rows(raw: RawRows, tokenizer, cfg: Any, report: DataReport, desc: str
                 completion_field=cfg.completion_field, messages_field=cfg.messages_field,
             )
             encoded = encode_row(row, fmt, tokenizer, cfg)
+            weight = example_weight(row, cfg.weight_field) if cfg.weight_field else 1.0
+            negative = example_negative(row, cfg.negative_field) if cfg.negative_field else False
         except RowError as err:
             if cfg.skip_bad_rows:
                 report.skipped_bad += 1
@@ -65,7 +83,9 @@ def encode_rows(raw: RawRows, tokenizer, cfg: Any, report: DataReport, desc: str
         if all(label == IGNORE for label in encoded.labels[1:]):  # position 0 is never predicted
             report.dropped_empty += 1
             continue
-        out.append(Example(where, encoded.input_ids, encoded.labels))
+        report.negative_examples += negative
+        out.append(Example(where, encoded.input_ids, encoded.labels, weight=weight, negative=negative,
+                           teacher_input_ids=encoded.teacher_input_ids, teacher_labels=encoded.teacher_labels))
     report.skipped_bad += raw.skipped
     return out
 
@@ -102,6 +122,11 @@ class Collator:
     A batch of packed rows carries position_ids [B, L] instead of an attention mask: the padding
     after a row's last member gets positions 0, 1, ... so it forms a block of its own, never attended
     by real tokens. `sample_ids` lists the examples in the order their scored positions appear.
+    Only when some example needs them:
+    - token_weights [B, L] fp32: the loss weight of the example each token belongs to (some weight != 1);
+    - negative [B, L] bool: the token belongs to a negative example (some example is negative);
+    - teacher_input_ids, teacher_labels, teacher_attention_mask [B, L_t]: the teacher's own input
+      (context distillation), padded like the student's.
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8):
@@ -129,4 +154,36 @@ class Collator:
             out["position_ids"] = position_ids
         else:
             out["attention_mask"] = attention_mask
+        # the common case (every weight 1, nothing negative) builds neither tensor
+        if any(w != 1.0 for ex in batch for w in (ex.member_weights or [ex.weight])):
+            out["token_weights"] = self._per_token(batch, width, torch.float32, lambda weight, negative: weight)
+        if any(ex.negative or any(ex.member_negatives or []) for ex in batch):
+            out["negative"] = self._per_token(batch, width, torch.bool, lambda weight, negative: negative)
+        if any(ex.teacher_input_ids is not None for ex in batch):
+            out.update(self._teacher_inputs(batch))
         return out
+
+    @staticmethod
+    def _per_token(batch: list[Example], width: int, dtype: torch.dtype, value) -> torch.Tensor:
+        """[B, L]: value(weight, negative) of the example (packed member) each token belongs to."""
+        out = torch.zeros((len(batch), width), dtype=dtype)
+        for row, ex in enumerate(batch):
+            for start, end, weight, negative in ex.spans():
+                out[row, start:end] = value(weight, negative)
+        return out
+
+    def _teacher_inputs(self, batch: list[Example]) -> dict:
+        if any(ex.teacher_input_ids is None for ex in batch):
+            missing = next(ex.sample_id for ex in batch if ex.teacher_input_ids is None)
+            raise ValueError(f"{missing}: a batch mixes examples with and without the teacher's own input")
+        longest = max(len(ex.teacher_input_ids) for ex in batch)
+        width = -(-longest // self.multiple) * self.multiple
+        input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, ex in enumerate(batch):
+            n = len(ex.teacher_input_ids)
+            input_ids[row, :n] = torch.tensor(ex.teacher_input_ids)
+            labels[row, :n] = torch.tensor(ex.teacher_labels)
+            attention_mask[row, :n] = 1
+        return {"teacher_input_ids": input_ids, "teacher_labels": labels, "teacher_attention_mask": attention_mask}

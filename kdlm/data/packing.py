@@ -33,10 +33,14 @@ def pack_examples(examples: list[Example], pack_length: int) -> list[Example]:
 
 
 def _join(members: list[Example]) -> Example:
+    if any(ex.teacher_input_ids is not None for ex in members):
+        raise ValueError("examples with the teacher's own input (context distillation) cannot be packed")
     input_ids, labels, positions = [], [], []
     for ex in members:
         input_ids += ex.input_ids
         labels += [IGNORE] + ex.labels[1:]  # an example's first token has no prediction from inside it
         positions += list(range(len(ex.input_ids)))
+    # each member keeps its own loss weight and negative flag (the collator spreads them over its tokens)
     return Example(sample_id=members[0].sample_id, input_ids=input_ids, labels=labels, position_ids=positions,
-                   members=[ex.sample_id for ex in members])
+                   members=[ex.sample_id for ex in members], member_weights=[ex.weight for ex in members],
+                   member_negatives=[ex.negative for ex in members])
