@@ -30,8 +30,8 @@ class GenerationTeacherConfig:
         "transformers/vllm: hub id, local HF folder, .gguf file or bundled alias. openai: the served model name.",
     )
     tokenizer: Optional[str] = opt(
-        None, "A local tokenizer for the teacher (hub id, folder or bundled alias): used by the openai backend for "
-        "token estimates and to map top-k log-prob tokens to ids. null: teacher.model for local backends, none for openai."
+        None, "A local tokenizer (hub id, folder or bundled alias) for the filters that need one (end_of_turn) when "
+        "the backend is openai. null: teacher.model for local backends."
     )
     base_url: Optional[Union[str, list[str]]] = opt(
         None, "openai: the server's base URL (e.g. http://127.0.0.1:8000/v1), or a list spread across several servers."

@@ -234,4 +234,10 @@ def config_reference() -> str:
 
     for f in dataclasses.fields(Recipe):
         section(typing.get_type_hints(Recipe)[f.name], f"{f.name}.")
+    from kdlm.config.generation import GenerateRecipe
+
+    lines += ["# Generation recipes", "",
+              "`kdlm generate RECIPE.yaml` reads a recipe with the sections below (same validation and `--set`).", ""]
+    for f in dataclasses.fields(GenerateRecipe):
+        section(typing.get_type_hints(GenerateRecipe)[f.name], f"{f.name}.")
     return "\n".join(lines)

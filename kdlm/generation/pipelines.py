@@ -223,16 +223,20 @@ class ChainOfThought(Pipeline):
         return await cot_rows(gen, item, self.verifier)
 
     def estimate(self, recipe, items: list[Item]) -> dict:
-        out = super().estimate(recipe, items)
-        if recipe.generate.max_rounds > 1:
-            out["note"] = (f"plus up to {recipe.generate.max_rounds - 1} more rounds of {recipe.generate.n} samples "
-                           "for each question with no verified rationale")
-        return out
+        return cot_estimate(recipe, items)
 
     def columns(self) -> dict[str, str]:
         return {"answer": "the gold answer, or the self-consistency pseudo-label",
                 "verdict": "verified | rejected | no_answer",
                 "negative": "true for a rejected rationale (train with data.negative_field: negative and the redi term)"}
+
+
+def cot_estimate(recipe, items: list[Item]) -> dict:
+    out = Pipeline.estimate(Pipeline(), recipe, items)
+    if recipe.generate.max_rounds > 1:
+        out["note"] = (f"plus up to {recipe.generate.max_rounds - 1} more rounds of {recipe.generate.n} samples "
+                       "for each question with no verified rationale")
+    return out
 
 
 async def cot_rows(gen, item: Item, verifier) -> list[dict]:
@@ -345,7 +349,7 @@ class StepByStep(Pipeline):
         if getattr(self, "from_cot", False):
             return {"requests": 0, "samples": 0, "prompt_tokens": 0, "max_completion_tokens": 0,
                     "note": "rows are built from the cot rows; no teacher request"}
-        return ChainOfThought.estimate(self, recipe, items)
+        return cot_estimate(recipe, items)
 
     def columns(self) -> dict[str, str]:
         return {"task": "label | rationale", "weight": "loss weight: alpha for label rows, 1 - alpha for rationale rows "
