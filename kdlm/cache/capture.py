@@ -51,16 +51,27 @@ def cache_dir_for(recipe) -> Path:
 
 
 def capture_teacher(recipe, *, show_progress: bool = True, batch_size: Optional[int] = None,
-                    shard_rows: Optional[int] = None) -> Path:
+                    shard_rows: Optional[int] = None, from_logprobs: bool = False) -> Path:
     """Write (or finish, or confirm) the teacher cache of `recipe`; return its folder.
 
     batch_size: examples per teacher forward (default train.batch_size). shard_rows: positions per shard
     for a NEW cache (default 2^20); resuming keeps the layout the cache was started with.
+    from_logprobs: take the top-k from the data rows' `teacher_logprobs` (written by `kdlm generate` with
+    generate.logprobs from an API teacher: grey-box KD) instead of running the teacher; the teacher model is
+    then never loaded, only its tokenizer and config (kdlm.generation.greybox).
     """
     from kdlm.data import prepare_data
     from kdlm.models.compat import shared_vocab_size
     from kdlm.models.loading import load_tokenizer, resolve_source
 
+    from kdlm.losses.objective import resolve_terms
+
+    if not any(term.needs_teacher for term in resolve_terms(recipe.loss)):
+        raise ConfigError("loss.terms: no term uses the teacher (ce / redi only), so there is nothing to cache: "
+                          "`kdlm distill` trains this recipe without loading the teacher")
+    if recipe.data.teacher_messages_field is not None:
+        raise ConfigError("data.teacher_messages_field: context distillation needs the live teacher (a cache holds "
+                          "its signal on the student's input); train with teacher.source: live")
     folder = cache_dir_for(recipe)
     tcfg = recipe.teacher
     batch_size = batch_size or recipe.train.batch_size
@@ -77,6 +88,8 @@ def capture_teacher(recipe, *, show_progress: bool = True, batch_size: Optional[
     model = None
     teacher_rows = _output_rows(teacher_src, tcfg.trust_remote_code)
     student_rows = _output_rows(student_src, recipe.student.trust_remote_code)
+    if teacher_rows is None and from_logprobs:
+        raise ModelError(f"{tcfg.model}: cannot read the teacher's vocabulary size from its config")
     if teacher_rows is None:
         model = _load_teacher(recipe, teacher_src)
         teacher_rows = model.get_output_embeddings().weight.shape[0]
@@ -92,7 +105,7 @@ def capture_teacher(recipe, *, show_progress: bool = True, batch_size: Optional[
 
     # 3. identity: what this cache is a cache of
     files = fmt.weight_files(tcfg, resolved_path=teacher_src.path)
-    if files is None:  # e.g. a hub id not downloaded yet: loading fetches it
+    if files is None and not from_logprobs:  # e.g. a hub id not downloaded yet: loading fetches it
         model = model or _load_teacher(recipe, teacher_src)
         files = fmt.weight_files(tcfg, resolved_path=teacher_src.path)
     existing = fmt.read_manifest(folder)
@@ -102,6 +115,11 @@ def capture_teacher(recipe, *, show_progress: bool = True, batch_size: Optional[
     identity = current_identity(recipe, tokenizer, vocab=vocab,
                                 weights_sha=fmt.weights_sha_reusing(files, existing) if files else None)
     identity["data_sha256"] = data_sha
+    if from_logprobs:
+        if tcfg.cache_temperature != 1.0:
+            raise ConfigError("teacher.cache_temperature: API log-probs are the teacher's distribution at T = 1; "
+                              "a cache from them holds T = 1 only")
+        identity["teacher.signal"] = "api-logprobs"  # not the local weights' own forward: never mistaken for it
 
     # 4. an existing cache: identical (no-op or resume) or different (refuse)
     if existing is None and folder.exists() and any(p for p in folder.iterdir() if not p.name.startswith(".")):
@@ -131,24 +149,35 @@ def capture_teacher(recipe, *, show_progress: bool = True, batch_size: Optional[
     if done:
         print(f"kdlm: resuming teacher cache {folder}: {len(done)} of {len(shards)} shards already complete", flush=True)
 
-    # 5. the teacher, once, over every shard still missing
-    from kdlm.training.step import Teacher
+    # 5. the teacher (or the rows' API log-probs), once, over every shard still missing
+    if from_logprobs:
+        from kdlm.generation.greybox import LogprobSource
 
-    model = model or _load_teacher(recipe, teacher_src)
-    if model.get_output_embeddings().weight.shape[0] < vocab:
-        raise ModelError(f"{tcfg.model}: the loaded model has fewer output rows than its config says")
-    teacher = Teacher(model, vocab)
-    device = next(model.parameters()).device
+        source = LogprobSource(recipe, tokenizer, vocab=vocab, k=k)
+
+        def shard_batches(s: int, members: list[Entry]):
+            return write_shard(folder, s, members, source.compute, k=k, vocab=vocab, batch_size=256)
+    else:
+        from kdlm.training.step import Teacher
+
+        model = model or _load_teacher(recipe, teacher_src)
+        if model.get_output_embeddings().weight.shape[0] < vocab:
+            raise ModelError(f"{tcfg.model}: the loaded model has fewer output rows than its config says")
+        teacher = Teacher(model, vocab)
+        device = next(model.parameters()).device
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+        def shard_batches(s: int, members: list[Entry]):
+            return _capture_shard(folder, s, members, teacher, device=device, k=k, vocab=vocab,
+                                  temperature=tcfg.cache_temperature, batch_size=batch_size, pad=pad)
     done_set = set(done)
     bar = tqdm(total=len(entries), initial=sum(len(shards[s]) for s in done), unit="ex", desc="cache-teacher",
                disable=not show_progress, dynamic_ncols=True)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     started, tokens = time.perf_counter(), 0
     for s, members in enumerate(shards):
         if s in done_set:
             continue
-        for n_examples, n_tokens in _capture_shard(folder, s, members, teacher, device=device, k=k, vocab=vocab,
-                                                   temperature=tcfg.cache_temperature, batch_size=batch_size, pad=pad):
+        for n_examples, n_tokens in shard_batches(s, members):
             tokens += n_tokens
             bar.update(n_examples)
             bar.set_postfix({"shard": f"{s + 1}/{len(shards)}",
@@ -196,6 +225,9 @@ def describe_mismatch(key: str, cached: Any, current: Any, where: str = "the rec
 def _identity_mismatch(manifest: dict, identity: dict) -> Optional[str]:
     if manifest.get("format") != fmt.FORMAT_NAME:
         return f"{fmt.MANIFEST} is not a kdlm teacher cache manifest"
+    signal = manifest.get("identity", {}).get("teacher.signal", "model")
+    if signal != identity.get("teacher.signal", "model"):
+        return f"teacher.signal {signal} in the cache, {identity.get('teacher.signal', 'model')} now"
     diff = fmt.first_mismatch(manifest.get("identity", {}), identity)
     if diff is None:
         missing = [k for k in identity if k not in manifest.get("identity", {})]
@@ -286,9 +318,23 @@ def shard_complete(folder: Path, shard: int, members: list[Entry], k: int, vocab
 
 def _capture_shard(folder: Path, shard: int, members: list[Entry], teacher, *, device, k: int, vocab: int,
                    temperature: float, batch_size: int, pad: int):
-    """Compute one shard into temporary files, then rename them and write its index. Yields (examples, tokens)
-    after every batch (for the progress bar)."""
+    """Compute one shard with the live teacher into temporary files, then rename them and write its index.
+    Yields (examples, tokens) after every batch (for the progress bar)."""
     from kdlm.data.dataset import Collator, Example
+
+    collate = Collator(pad)
+
+    def compute(batch_entries: list[Entry]) -> tuple[np.ndarray, np.ndarray]:
+        batch = collate([Example(e.sample_id, e.input_ids, e.labels) for e in batch_entries])
+        return _topk_codes(teacher, batch, device=device, k=k, temperature=temperature)
+
+    yield from write_shard(folder, shard, members, compute, k=k, vocab=vocab, batch_size=batch_size)
+
+
+def write_shard(folder: Path, shard: int, members: list[Entry], compute, *, k: int, vocab: int, batch_size: int):
+    """Write one shard: `compute(entries) -> (ids [rows, k], uint16 codes [rows, k])` for a batch of entries, their
+    counted positions row-major. Temporary files, fsync, rename, then the index (the completion record) last.
+    Shared by the live teacher and by API log-probs (kdlm.generation.greybox). Yields (examples, tokens) per batch."""
     from kdlm.training.checkpoint import atomic_write_text
 
     rows = sum(e.rows for e in members)
@@ -296,12 +342,10 @@ def _capture_shard(folder: Path, shard: int, members: list[Entry], teacher, *, d
     tmps = [folder / f".{name}.tmp" for name in names]
     ids_map = np.memmap(tmps[0], dtype=fmt.id_dtype(vocab), mode="w+", shape=(rows, k))
     nlp_map = np.memmap(tmps[1], dtype=np.uint16, mode="w+", shape=(rows, k))
-    collate = Collator(pad)
     order = sorted(members, key=lambda e: (-len(e.input_ids), e.sample_id))  # longest first: little padding
     for start in range(0, len(order), batch_size):
         batch_entries = order[start:start + batch_size]
-        batch = collate([Example(e.sample_id, e.input_ids, e.labels) for e in batch_entries])
-        ids, codes = _topk_codes(teacher, batch, device=device, k=k, temperature=temperature)
+        ids, codes = compute(batch_entries)
         row = 0
         for e in batch_entries:  # counted positions come out row-major: example by example
             _store_rows(ids_map, nlp_map, e.first_row, ids[row:row + e.rows], codes[row:row + e.rows])

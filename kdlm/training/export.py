@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from kdlm.losses.objective import STUDENT_TERMS
+
 
 def save_student_folder(student, tokenizer, target: Path, card: str) -> None:
     """Write safetensors weights, config, generation config, tokenizer and README.md; replace `target` atomically."""
@@ -37,11 +39,18 @@ def model_card(recipe: Any, *, steps: int, student_init: str, data_summary: str,
         f"- `{t.name}` weight {t.weight}" + (f", temperature {t.temperature}" if t.temperature else "") for t in recipe.loss.terms
     )
     rows = [("initial student", before), ("distilled student", after)]
-    table = "| model | CE (nats/token) | KL to teacher | top-1 agreement |\n|---|---|---|---|\n" + "\n".join(
-        f"| {name} | {m['ce']:.4f} | {m['kl_to_teacher']:.4f} | {m['top1_agreement']:.2%} |" for name, m in rows
-    )
-    if teacher_self:
-        table += f"\n| teacher | {teacher_self['ce']:.4f} | 0 | 100% |"
+    if "kl_to_teacher" in after:
+        table = "| model | CE (nats/token) | KL to teacher | top-1 agreement |\n|---|---|---|---|\n" + "\n".join(
+            f"| {name} | {m['ce']:.4f} | {m['kl_to_teacher']:.4f} | {m['top1_agreement']:.2%} |" for name, m in rows
+        )
+        if teacher_self:
+            table += f"\n| teacher | {teacher_self['ce']:.4f} | 0 | 100% |"
+        figures = "CE is the student's cross-entropy on the reference tokens; KL is KL(teacher || student) at temperature 1;\nboth"
+    else:  # no term needed the teacher (ce / redi only): it was never loaded, so only CE was measured
+        table = "| model | CE (nats/token) |\n|---|---|\n" + "\n".join(f"| {name} | {m['ce']:.4f} |" for name, m in rows)
+        figures = "CE is the student's cross-entropy on the reference tokens,"
+    uses_teacher = any(t.name not in STUDENT_TERMS for t in recipe.loss.terms)
+    teacher = f"`{recipe.teacher.model}`" if uses_teacher else "none loaded (the objective uses the data's tokens only)"
     return f"""---
 library_name: transformers
 tags: [kdlm, knowledge-distillation]
@@ -50,7 +59,7 @@ tags: [kdlm, knowledge-distillation]
 
 Made with [kdlm](https://pypi.org/project/kdlm/) by knowledge distillation.
 
-- **Teacher:** `{recipe.teacher.model}`
+- **Teacher:** {teacher}
 - **Student initialisation:** {student_init}
 - **Data:** `{recipe.data.train}` ({data_summary})
 - **Objective** (default temperature {recipe.loss.temperature}):
@@ -61,8 +70,7 @@ Made with [kdlm](https://pypi.org/project/kdlm/) by knowledge distillation.
 
 {table}
 
-CE is the student's cross-entropy on the reference tokens; KL is KL(teacher || student) at temperature 1;
-both per counted token. The full recipe is in `resolved_config.yaml` of the run folder:
+{figures} per counted token. The full recipe is in `resolved_config.yaml` of the run folder:
 
 ```yaml
 {yaml.safe_dump(recipe_dict(recipe), sort_keys=False).strip()}

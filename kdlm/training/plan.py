@@ -5,7 +5,8 @@ config), token statistics from the recipe's data (a sample of it), and the devic
 matmul speed from a short measurement. The memory model, per process:
 
     baseline       the Python process with torch + transformers imported (measured here)
-    teacher        teacher weights (absent with teacher.source: cache) + autocast copies
+    teacher        teacher weights (absent with teacher.source: cache, or when no loss term
+                   needs a teacher: ce / redi only) + autocast copies
     student        fp32 master weights + gradients + AdamW's two moments (16 bytes/param)
                    + autocast's low-precision weight copies
     activations    student activations kept for backward: per token per layer
@@ -169,10 +170,13 @@ def estimate(recipe: Recipe, *, device: Optional[torch.device] = None) -> Plan:
     plan = Plan(device=str(device))
     tokenizer = load_tokenizer(resolve_source(recipe.student.model, recipe.student.gguf_file))
     plan.data = data_statistics(recipe, tokenizer)
-    cached = recipe.teacher.source == "cache"
-    teacher = model_shape(recipe.teacher.model, recipe.teacher.gguf_file)
-    student = model_shape(recipe.student.model, recipe.student.gguf_file, recipe.student.keep_layers)
     terms = resolve_terms(recipe.loss)
+    needs_teacher = any(t.needs_teacher for t in terms)
+    # no teacher runs with an offline cache, nor when no term needs one (its model need not even exist then)
+    no_live_teacher = recipe.teacher.source == "cache" or not needs_teacher
+    student = model_shape(recipe.student.model, recipe.student.gguf_file, recipe.student.keep_layers)
+    # without a teacher the student's shape stands in for it where only the shared vocabulary is read
+    teacher = model_shape(recipe.teacher.model, recipe.teacher.gguf_file) if needs_teacher else student
     mixed = recipe.train.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if (device.type == "cuda" and torch.cuda.is_bf16_supported()) or (
@@ -185,7 +189,7 @@ def estimate(recipe: Recipe, *, device: Optional[torch.device] = None) -> Plan:
 
     mem = plan.memory_mb
     mem["baseline (python, torch, transformers)"] = current_rss_mb() if device.type == "cpu" else 0.0
-    if not cached:
+    if not no_live_teacher:
         mem["teacher weights"] = teacher.params * teacher_bytes / MiB
         if act_bytes == 2 and teacher_bytes == 4:
             mem["teacher autocast weight copies"] = teacher.body_params * 2 / MiB
@@ -198,7 +202,7 @@ def estimate(recipe: Recipe, *, device: Optional[torch.device] = None) -> Plan:
     else:
         activations = tokens * student.layers * per_token_layer
     mem["student activations"] = activations / MiB
-    if not cached:
+    if not no_live_teacher:
         mem["teacher forward (transient)"] = tokens * ((3 * teacher.intermediate + 4 * teacher.hidden) * act_bytes) / MiB \
             + counted * teacher.hidden * 4 / MiB
     vocab = min(teacher.vocab, student.vocab)
@@ -220,17 +224,17 @@ def estimate(recipe: Recipe, *, device: Optional[torch.device] = None) -> Plan:
     # forward + backward = 6 FLOP per parameter and token; gradient checkpointing runs the forward twice
     body_flops = (8 if recipe.train.gradient_checkpointing else 6) * student.body_params * tokens
     head_flops = 6 * vocab * student.hidden * counted
-    if not cached:
+    if not no_live_teacher:
         body_flops += 2 * teacher.body_params * tokens
         head_flops += 2 * vocab * teacher.hidden * counted
     accum = recipe.train.grad_accum
     plan.step_seconds = (body_flops / body_rate + head_flops / fp32_rate) * accum / efficiency
     plan.tokens_per_s = counted * accum / plan.step_seconds
-    plan.suggestions = _suggest(recipe, plan, mem, cached)
+    plan.suggestions = _suggest(recipe, plan, mem, no_live_teacher)
     return plan
 
 
-def _suggest(recipe: Recipe, plan: Plan, mem: dict[str, float], cached: bool) -> list[str]:
+def _suggest(recipe: Recipe, plan: Plan, mem: dict[str, float], no_live_teacher: bool) -> list[str]:
     out = []
     if plan.available_mb and plan.total_mb > 0.9 * plan.available_mb:
         out.append(f"estimated peak {plan.total_mb:,.0f} MiB exceeds 90% of the {plan.available_mb:,.0f} MiB available:")
@@ -238,7 +242,7 @@ def _suggest(recipe: Recipe, plan: Plan, mem: dict[str, float], cached: bool) ->
             out.append("  set train.gradient_checkpointing: true (activations are the largest part)")
         if recipe.train.batch_size > 1:
             out.append(f"  lower train.batch_size (now {recipe.train.batch_size}) and raise train.grad_accum to keep the tokens per step")
-        if not cached and mem.get("teacher weights", 0) > 0.25 * plan.total_mb:
+        if not no_live_teacher and mem.get("teacher weights", 0) > 0.25 * plan.total_mb:
             out.append("  cache the teacher (`kdlm cache-teacher`, teacher.source: cache): its weights are not loaded then")
     if not recipe.loss.fused:
         out.append("set loss.fused: true: the unfused loss holds ~10 [tokens, vocab] fp32 buffers")

@@ -1,9 +1,11 @@
 """One distillation forward: where the teacher runs and where the objective meets the student.
 
-Teacher: frozen, no grad, returns its last hidden state at the counted positions only.
+Teacher: frozen, no grad, returns its last hidden state at the counted positions only
+(of its own input under context distillation, whose counted positions line up with the student's).
 Student: wrapped together with the objective in one nn.Module (`DistillationModule`) so
 that DDP, FSDP and DeepSpeed see the whole computation, including the LM head whose
-weights a sharded run only materialises inside forward.
+weights a sharded run only materialises inside forward. Per-example weights, negative rows
+and REDI reach the objective as per-token coefficients (`objective.token_coefficients`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import Tensor, nn
 from kdlm.data.encode import IGNORE
 from kdlm.losses.fused import DEFAULT_CHUNK_BYTES, TOTAL_KEY, fused_sums
 from kdlm.losses.sparse import SparseTeacher, sparse_term_sums
-from kdlm.losses.objective import LMHead, Term, lm_head_of, term_sums, weighted_total
+from kdlm.losses.objective import LMHead, Term, lm_head_of, term_sums, token_coefficients, weighted_total
 
 
 def counted_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -32,11 +34,25 @@ def counted_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+LOSS_INPUTS = ("token_weights", "negative")  # per-token [B, L], in a batch only when some example needs them
 
 
 def model_inputs(batch: dict) -> dict[str, Tensor]:
     """What the model's forward takes from a batch: ids, and an attention mask (padded) or position ids (packed)."""
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def loss_inputs(batch: dict) -> dict[str, Tensor]:
+    """What the objective takes from a batch besides labels: per-token example weights and negative flags."""
+    return {k: batch[k] for k in LOSS_INPUTS if k in batch}
+
+
+def example_index(labels: Tensor, position_ids: Optional[Tensor]) -> Tensor:
+    """[B, L] long: which example each token belongs to. A padded batch has one per row; in packed rows
+    each member (and the padding block after the last one) starts at position 0."""
+    if position_ids is None:
+        return torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)
+    return (position_ids == 0).flatten().cumsum(0).view_as(position_ids)
 
 
 def last_hidden(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
@@ -75,10 +91,17 @@ class Teacher:
 
 def teacher_signal(teacher, batch: dict) -> Union[TeacherRows, SparseTeacher]:
     """The teacher's signal for `batch` at its counted positions: a live teacher's hidden states,
-    or an offline cache's top-k log-probs looked up by sample id."""
-    mask, _ = counted_positions(batch["labels"])
+    or an offline cache's top-k log-probs looked up by sample id.
+
+    Context distillation (the batch has `teacher_input_ids`): the teacher reads its own input, e.g.
+    with demonstrations before the question, and its counted positions are those of `teacher_labels`.
+    Each row counts the same answer tokens on both sides (checked when the data is encoded), so the
+    teacher's rows line up one to one with the student's in row-major order."""
     if isinstance(teacher, Teacher):
-        return teacher.rows(model_inputs(batch), mask)
+        if "teacher_input_ids" in batch:
+            inputs = {"input_ids": batch["teacher_input_ids"], "attention_mask": batch["teacher_attention_mask"]}
+            return teacher.rows(inputs, counted_positions(batch["teacher_labels"])[0])
+        return teacher.rows(model_inputs(batch), counted_positions(batch["labels"])[0])
     return teacher.signal(batch["sample_ids"], batch["labels"], device=batch["labels"].device)
 
 
@@ -107,6 +130,7 @@ class DistillationModule(nn.Module):
         self.vocab = vocab
         self.fused = fused
         self.chunk_bytes = chunk_bytes
+        self.redi = any(term.name == "redi" for term in terms)  # needs each token's example, for 1/|y|
 
     @property
     def head(self) -> LMHead:
@@ -119,21 +143,39 @@ class DistillationModule(nn.Module):
         attention_mask: Optional[Tensor] = None,
         position_ids: Optional[Tensor] = None,
         teacher: Optional[Union[TeacherRows, SparseTeacher]] = None,
+        token_weights: Optional[Tensor] = None,
+        negative: Optional[Tensor] = None,
     ) -> dict[str, Tensor]:
+        """token_weights [B, L] fp32 / negative [B, L] bool: per token, its example's loss weight / negative flag."""
         mask, targets = counted_positions(labels)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         inputs = {k: v for k, v in inputs.items() if v is not None}
         hidden = last_hidden(self.student, inputs)[:, :-1][mask]  # [N, H] (autocast dtype)
+        coefficients = self.coefficients(mask, labels, position_ids, token_weights, negative)  # [K, N] or None
         sparse = isinstance(teacher, SparseTeacher)  # an offline cache: top-k log-probs instead of hidden states
         if self.fused:
             teacher_hidden = teacher if sparse else (teacher.hidden if teacher else None)
             teacher_head = None if sparse or teacher is None else teacher.head
             return fused_sums(hidden, self.head, teacher_hidden, teacher_head, targets, self.terms,
-                              chunk_bytes=self.chunk_bytes)
+                              chunk_bytes=self.chunk_bytes, coefficients=coefficients)
         student_logits = self.head.logits(hidden)  # [N, V] fp32
         if sparse:
-            sums = sparse_term_sums(student_logits, teacher, targets, self.terms)
+            sums = sparse_term_sums(student_logits, teacher, targets, self.terms, coefficients=coefficients)
         else:
             teacher_logits = teacher.head.logits(teacher.hidden) if teacher is not None else None
-            sums = term_sums(student_logits, teacher_logits, targets, self.terms)
+            sums = term_sums(student_logits, teacher_logits, targets, self.terms, coefficients=coefficients)
         return {**{k: v.detach() for k, v in sums.items()}, TOTAL_KEY: weighted_total(sums, self.terms)}
+
+    def coefficients(self, mask: Tensor, labels: Tensor, position_ids: Optional[Tensor],
+                     token_weights: Optional[Tensor], negative: Optional[Tensor]) -> Optional[Tensor]:
+        """The objective's per-term coefficients [K, N] at the counted tokens; None on the plain path."""
+        if token_weights is None and negative is None and not self.redi:
+            return None
+
+        def at_counted(per_token: Optional[Tensor]) -> Optional[Tensor]:  # [B, L] -> [N]: output i predicts token i+1
+            return per_token[:, 1:][mask] if per_token is not None else None
+
+        example = at_counted(example_index(labels, position_ids)) if self.redi else None
+        dtype = torch.promote_types(self.head.weight.dtype, torch.float32)  # the losses' compute dtype
+        return token_coefficients(self.terms, weights=at_counted(token_weights), negative=at_counted(negative),
+                                  example=example, dtype=dtype)

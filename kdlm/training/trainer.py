@@ -2,7 +2,7 @@
 
 The loop, per optimizer step:
     draw grad_accum micro-batches; count their scored tokens across all processes (one reduce)
-    for each micro-batch: teacher forward (no grad) -> student forward + objective -> backward
+    for each micro-batch: teacher forward (no grad; none when no term needs it) -> student forward + objective -> backward
     clip, optimizer step, LR schedule; log; validate / checkpoint every N steps
 """
 
@@ -24,7 +24,7 @@ from kdlm.cache import CachedTeacher, cache_dir_for
 from kdlm.config import Recipe, dump_yaml, to_dict
 from kdlm.data import Collator, DataReport, prepare_data
 from kdlm.data.packing import pack_examples
-from kdlm.errors import ModelError, OutputError
+from kdlm.errors import ConfigError, ModelError, OutputError
 from kdlm.losses.fused import TOTAL_KEY
 from kdlm.losses.objective import resolve_terms
 from kdlm.models.compat import shared_vocab_size
@@ -34,7 +34,8 @@ from kdlm.models.loading import load_model, load_tokenizer, resolve_device, reso
 from kdlm.training.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
 from kdlm.training.export import model_card, save_student_folder
 from kdlm.training.metrics import MetricsLog, peak_memory_mb
-from kdlm.training.step import DistillationModule, Teacher, counted_positions, model_inputs, teacher_autocast, teacher_signal
+from kdlm.training.step import (DistillationModule, Teacher, counted_positions, loss_inputs, model_inputs, teacher_autocast,
+                                teacher_signal)
 from kdlm.training.validate import validate
 
 log = logging.getLogger(__name__)
@@ -82,20 +83,28 @@ def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[
     set_seed(cfg.seed)
     main = accelerator.is_main_process
 
-    # 1. tokenizers first (cheap): refuse incompatible vocabularies before loading weights
-    teacher_src = resolve_source(recipe.teacher.model, recipe.teacher.gguf_file, recipe.teacher.revision)
+    # 1. tokenizers first (cheap): refuse incompatible vocabularies before loading weights. An objective of
+    # ce / redi terms only (SFT, sequence-level KD on teacher-written text) never touches the teacher.
+    terms = resolve_terms(recipe.loss)
+    needs_teacher = any(t.needs_teacher for t in terms)
     student_src = resolve_source(recipe.student.model, recipe.student.gguf_file, recipe.student.revision)
-    teacher_tok = load_tokenizer(teacher_src, trust_remote_code=recipe.teacher.trust_remote_code)
     tokenizer = load_tokenizer(student_src, trust_remote_code=recipe.student.trust_remote_code)
-    if teacher_tok.get_vocab() != tokenizer.get_vocab():
-        shared_vocab_size(teacher_tok, tokenizer, 0, 0)  # raises with the differing tokens named
+    teacher_src = teacher_tok = None
+    if needs_teacher:
+        teacher_src = resolve_source(recipe.teacher.model, recipe.teacher.gguf_file, recipe.teacher.revision)
+        teacher_tok = load_tokenizer(teacher_src, trust_remote_code=recipe.teacher.trust_remote_code)
+        if teacher_tok.get_vocab() != tokenizer.get_vocab():
+            shared_vocab_size(teacher_tok, tokenizer, 0, 0)  # raises with the differing tokens named
 
     # 2. data
     train_set, val_set, report = prepare_data(recipe.data, tokenizer, seed=cfg.seed)
+    if report.negative_examples and not any(t.name == "redi" for t in terms):
+        raise ConfigError(f"data.negative_field marks {report.negative_examples} negative rows but no loss term "
+                          f"uses them; add {{name: redi}} to loss.terms")
     if main:
         print(f"kdlm: data: {report.summary()}", flush=True)
 
-    # 3. models (with an offline cache the teacher is not loaded at all)
+    # 3. models (with an offline cache, or no term that needs it, the teacher is not loaded at all)
     student_device = resolve_device(recipe.student.device, accelerator.device)
     student = load_model(student_src, dtype=resolve_dtype(recipe.student.dtype, student_device, trainable=True),
                          device=student_device, trust_remote_code=recipe.student.trust_remote_code)
@@ -104,21 +113,11 @@ def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[
         kept = keep_layers(student, recipe.student.keep_layers)
         student_init = f"layers {kept} of `{recipe.student.model}` ({parameter_count(student) / 1e6:.1f}M parameters)"
     student_rows = student.get_output_embeddings().weight.shape[0]
-    if recipe.teacher.source == "cache":
-        teacher = CachedTeacher(cache_dir_for(recipe), recipe, tokenizer)
-        vocab = shared_vocab_size(teacher_tok, tokenizer, teacher.vocab, student_rows)
-        teacher.verify(train_set + val_set)  # every example cached, same tokens: fail now, not mid-run
-    else:
-        teacher_device = resolve_device(recipe.teacher.device, accelerator.device)
-        teacher_model = load_model(teacher_src, dtype=resolve_dtype(recipe.teacher.dtype, teacher_device, trainable=False),
-                                   device=teacher_device, trust_remote_code=recipe.teacher.trust_remote_code, frozen=True)
-        vocab = shared_vocab_size(teacher_tok, tokenizer, teacher_model.get_output_embeddings().weight.shape[0], student_rows)
-        teacher = Teacher(teacher_model, vocab)
+    teacher, vocab = _load_teacher(recipe, teacher_src, teacher_tok, tokenizer, student_rows=student_rows,
+                                   examples=train_set + val_set, default_device=accelerator.device)
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.config.use_cache = False
-    terms = resolve_terms(recipe.loss)
-    needs_teacher = any(t.needs_teacher for t in terms)
 
     # every input is checked: only now is the output folder touched (a failed start leaves it as it was)
     if main:
@@ -184,8 +183,7 @@ def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[
     window_start = time.perf_counter()
     while state["step"] < cfg.max_steps:
         micro = [next(batches) for _ in range(cfg.grad_accum)]
-        term_totals, global_count, _ = accumulate_gradients(module, teacher if needs_teacher else None, micro,
-                                                            terms, accelerator)
+        term_totals, global_count, _ = accumulate_gradients(module, teacher, micro, terms, accelerator)
         grad_norm = accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
         optimizer.step()
         scheduler.step()
@@ -256,13 +254,31 @@ def accumulate_gradients(module, teacher: Optional[Union[Teacher, CachedTeacher]
             with teacher_autocast(accelerator):
                 signal = teacher_signal(teacher, mb) if teacher is not None else None
             with accelerator.autocast():
-                sums = module(labels=mb["labels"], teacher=signal, **model_inputs(mb))
+                sums = module(labels=mb["labels"], teacher=signal, **model_inputs(mb), **loss_inputs(mb))
             # DDP averages gradients over processes, so scale by world size: the result is sum / global count
             loss = sums[TOTAL_KEY] * accelerator.num_processes / global_count
             accelerator.backward(loss)
         for term in terms:
             term_totals[term.label] = term_totals.get(term.label, 0) + sums[term.label]
     return term_totals, global_count, local
+
+
+def _load_teacher(recipe: Recipe, source, teacher_tokenizer, tokenizer, *, student_rows: int, examples: list,
+                  default_device) -> tuple[Optional[Union[Teacher, CachedTeacher]], int]:
+    """The teacher (a live model, an offline cache, or None when `source` is None: no term needs one) and the
+    vocabulary size the objective compares over."""
+    if source is None:  # ce / redi only: the student's own rows, still checked against its tokenizer
+        return None, shared_vocab_size(tokenizer, tokenizer, student_rows, student_rows)
+    if recipe.teacher.source == "cache":
+        teacher = CachedTeacher(cache_dir_for(recipe), recipe, tokenizer)
+        vocab = shared_vocab_size(teacher_tokenizer, tokenizer, teacher.vocab, student_rows)
+        teacher.verify(examples)  # every example cached, same tokens: fail now, not mid-run
+        return teacher, vocab
+    device = resolve_device(recipe.teacher.device, default_device)
+    model = load_model(source, dtype=resolve_dtype(recipe.teacher.dtype, device, trainable=False), device=device,
+                       trust_remote_code=recipe.teacher.trust_remote_code, frozen=True)
+    vocab = shared_vocab_size(teacher_tokenizer, tokenizer, model.get_output_embeddings().weight.shape[0], student_rows)
+    return Teacher(model, vocab), vocab
 
 
 def _batches(loader: DataLoader, state: dict) -> Iterator[dict]:

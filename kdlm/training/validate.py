@@ -6,7 +6,11 @@
 - teacher_ce: the teacher's own cross-entropy on the same tokens (a floor for reading `ce`).
 With an offline top-k cache as the teacher, kl_to_teacher is the tail-bucket KL (a lower bound
 of the dense KL) at the cache temperature, and teacher_ce is NaN (not computable from top-k).
+Without a teacher (an objective of ce / redi terms only) only ce and tokens are reported.
 Both models run under the same autocast as training.
+
+The figures are unweighted: per-example loss weights do not enter them, and tokens of negative
+(rejected) examples are left out, since they are not references to imitate.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from kdlm.losses.divergences import per_position_divergence
 from kdlm.losses.fused import DEFAULT_CHUNK_BYTES, chunk_rows
 from kdlm.losses.objective import lm_head_of
 from kdlm.losses.sparse import SparseTeacher, sparse_validation_figures
-from kdlm.training.step import counted_positions, last_hidden, model_inputs, teacher_autocast, teacher_signal
+from kdlm.training.step import TeacherRows, counted_positions, last_hidden, model_inputs, teacher_autocast, teacher_signal
 
 
 @torch.no_grad()
@@ -40,7 +44,7 @@ def validate(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> dict[str, float]:
     """Validation figures over `examples` (sharded across processes when an accelerator is given).
-    `teacher` is a live `Teacher` or a `CachedTeacher`."""
+    `teacher` is a live `Teacher`, a `CachedTeacher`, or None (no term needs one: ce only)."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = accelerator.device if accelerator else next(student.parameters()).device
     head = lm_head_of(student, vocab)
@@ -54,14 +58,23 @@ def validate(
             break
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         mask, targets = counted_positions(batch["labels"])
-        with teacher_autocast(accelerator) if accelerator else contextlib.nullcontext():
-            signal = teacher_signal(teacher, batch)  # live: hidden states [N, H_t]; cache: top-k log-probs
+        signal = None
+        if teacher is not None:
+            with teacher_autocast(accelerator) if accelerator else contextlib.nullcontext():
+                signal = teacher_signal(teacher, batch)  # live: hidden states [N, H_t]; cache: top-k log-probs
         with accelerator.autocast() if accelerator else contextlib.nullcontext():
             hidden = last_hidden(student, model_inputs(batch))[:, :-1][mask]  # [N, H]
+        if "negative" in batch:  # rejected completions are not references: keep the positive tokens only
+            keep = ~batch["negative"][:, 1:][mask]  # [N]
+            hidden, targets = hidden[keep], targets[keep]
+            signal = _select(signal, keep)
         # a chunk of rows at a time: never [N, V] logits for the whole batch
         for start in range(0, targets.numel(), rows_per_chunk):
             rows = slice(start, start + rows_per_chunk)
             student_logits = head.logits(hidden[rows])  # [n, V] fp32
+            if signal is None:
+                totals[0] += F.cross_entropy(student_logits, targets[rows], reduction="sum").double()
+                continue
             if isinstance(signal, SparseTeacher):
                 figures = sparse_validation_figures(student_logits, signal.slice_rows(rows.start, rows.start + len(
                     student_logits)), targets[rows])
@@ -78,5 +91,17 @@ def validate(
         totals = accelerator.reduce(totals, reduction="sum")
     student.train(was_training)
     n = max(totals[3].item(), 1.0)
+    if teacher is None:
+        return {"ce": totals[0].item() / n, "tokens": int(totals[3].item())}
     return {"ce": totals[0].item() / n, "kl_to_teacher": totals[1].item() / n,
             "top1_agreement": totals[2].item() / n, "tokens": int(totals[3].item()), "teacher_ce": totals[4].item() / n}
+
+
+def _select(signal, keep: torch.Tensor):
+    """The teacher's signal at the kept counted positions (`keep` [N] bool)."""
+    if signal is None:
+        return None
+    if isinstance(signal, SparseTeacher):
+        keep = keep.to(signal.ids.device)
+        return SparseTeacher(signal.ids[keep], signal.logprobs[keep], signal.tail_logprob[keep], signal.temperature)
+    return TeacherRows(signal.hidden[keep], signal.head)

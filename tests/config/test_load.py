@@ -371,6 +371,8 @@ def _schema_dataclasses() -> list[type]:
 
 
 def _reference_sections(text: str) -> dict[str, str]:
+    """The distillation recipe's sections: the reference's first top-level part (generation recipes follow it)."""
+    text = re.split(r"^# ", text, flags=re.M)[1]
     parts = re.split(r"^## `([^`]+)`\s*$", text, flags=re.M)
     return {parts[i]: parts[i + 1] for i in range(1, len(parts), 2)}
 
