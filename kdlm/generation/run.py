@@ -28,7 +28,7 @@ from kdlm.config import dump_yaml, from_dict, to_dict
 from kdlm.config.generation import GenerateRecipe
 from kdlm.errors import OutputError
 from kdlm.generation.backends import Counters, FatalBackendError, RequestFailed, SampleRequest, Sampling, make_backend
-from kdlm.generation.store import JsonlLog, RequestCache, atomic_write_text, request_key
+from kdlm.generation.store import JsonlLog, RequestCache, atomic_write_text, read_records, request_key
 
 ROW_LOG = "rows.log.jsonl"  # append-only rows as prompts finish; the shards are built from it at the end
 FAILED = "failed.jsonl"
@@ -221,7 +221,7 @@ async def _generate(recipe: GenerateRecipe, limits: Limits, *, dry_run: bool, sh
             (out / name).unlink(missing_ok=True)
     atomic_write_text(out / "resolved_config.yaml", dump_yaml(recipe))
     cache = RequestCache(cache_dir)
-    old_failed = {r.get("request_key") for r in JsonlLog(out / FAILED).records()} if (out / FAILED).is_file() else set()
+    old_failed = {r.get("request_key") for r in read_records(out / FAILED)}
     failed_log = JsonlLog(out / FAILED)
     row_log = JsonlLog(out / ROW_LOG)
     written = {r["id"] for r in row_log.records()}
@@ -243,7 +243,10 @@ async def _generate(recipe: GenerateRecipe, limits: Limits, *, dry_run: bool, sh
         _postfix(bar, counters, started)
 
     try:
-        work = await pipeline.prepare(gen, items)  # e.g. self_instruct's instruction rounds
+        try:
+            work = await pipeline.prepare(gen, items)  # e.g. self_instruct's instruction rounds
+        except LimitReached:
+            work = []
         # bounded fan-out: at most 4 x concurrency prompts in flight (memory stays flat for huge prompt files)
         gate = asyncio.Semaphore(max(4 * g.concurrency, 64))
 
@@ -268,9 +271,9 @@ async def _generate(recipe: GenerateRecipe, limits: Limits, *, dry_run: bool, sh
         row_log.close()
 
     # failures of earlier runs that have since been answered are no longer failures
-    still_failed = [r for r in JsonlLog(out / FAILED).records() if r["request_key"] not in cache]
+    still_failed = [r for r in read_records(out / FAILED) if r["request_key"] not in cache]
     _rewrite_jsonl(out / FAILED, _unique(still_failed, "request_key"))
-    rows = list(JsonlLog(out / ROW_LOG).records())
+    rows = read_records(out / ROW_LOG)
     wall = time.perf_counter() - started
     summary = _summary(recipe, counters, gen, rows, wall, len(items), caps, resolved_failures=len(old_failed - gen.failed_keys))
     n_rows = write_dataset(out, recipe, rows, summary, pipeline=pipeline, complete=gen.stopped is None)

@@ -74,6 +74,20 @@ def _cut_torn_tail(path: Path) -> int:
     return size - keep
 
 
+def read_records(path: Path) -> list[dict]:
+    """The complete records of a JSONL log (a torn last line, left by kill -9, is skipped); [] when absent."""
+    out = []
+    if Path(path).is_file():
+        with Path(path).open(encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    try:
+                        out.append(json.loads(line))
+                    except ValueError:
+                        pass
+    return out
+
+
 class RequestCache:
     """Answered samples by request key, persisted in `<dir>/responses.jsonl`.
 
