@@ -193,3 +193,35 @@ def test_negative_rows_do_not_reach_ce(models):
     got, _, _ = _step(models, terms, [collate(examples)], fused=True)
     positives, _, _ = _step(models, terms, [collate([examples[0], examples[2]])], fused=True)
     torch.testing.assert_close(got["ce"], positives["ce"], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_an_offline_cache_signal_gets_the_same_coefficients(models, fused):
+    """The sparse (teacher cache) path: with every id kept (k = V) its tail-bucket divergence is the dense one, so
+    the weighted, REDI-carrying step equals the live-teacher step."""
+    from kdlm.losses.sparse import SparseTeacher
+    from kdlm.training.step import counted_positions, model_inputs
+
+    student, teacher, _ = models
+    student, teacher = copy.deepcopy(student).double(), copy.deepcopy(teacher).double()
+    vocab = teacher.get_output_embeddings().weight.shape[0]
+    terms = resolve_terms(LossConfig(terms=[LossTerm(name="forward_kl", weight=0.6), LossTerm(name="redi", weight=0.3),
+                                            LossTerm(name="ce", weight=0.1)]))
+    batch = Collator(0)(_examples([0.5, 0.5, 0.3, 0.7], [False, True, False, False]))
+    module = DistillationModule(student, terms, vocab, fused=fused, chunk_bytes=64 * 1024)
+    live = Teacher(teacher, vocab).rows(model_inputs(batch), counted_positions(batch["labels"])[0])
+    # the teacher logits each path computes: the fused loop keeps fp64, the unfused LMHead.logits gives fp32
+    logits = live.hidden @ live.head.weight[:vocab].T if fused else live.head.logits(live.hidden)
+    cached = SparseTeacher.from_logits(logits, k=vocab, temperature=1.0)
+    results = []
+    for signal in (live, cached):
+        module.zero_grad()
+        sums = module(labels=batch["labels"], teacher=signal, **model_inputs(batch), token_weights=batch["token_weights"],
+                      negative=batch["negative"])
+        sums[TOTAL_KEY].backward()
+        results.append((sums, torch.cat([p.grad.flatten() for p in module.parameters()])))
+    (live_sums, live_grads), (cached_sums, cached_grads) = results
+    rtol, grad_rtol, grad_atol = (1e-11, 1e-9, 1e-13) if fused else (1e-6, 1e-4, 1e-9)  # fp64 / fp32 logits
+    for term in terms:
+        torch.testing.assert_close(cached_sums[term.label], live_sums[term.label], rtol=rtol, atol=0)
+    torch.testing.assert_close(cached_grads, live_grads, rtol=grad_rtol, atol=grad_atol)
