@@ -114,7 +114,7 @@ class GenerateConfig:
                         "up to 20). 0: none.", ge=0, le=20)
     verifier: str = opt("gsm8k", "cot: answer verifier by name: gsm8k, boxed, exact, regex, choice, or a registered one.")
     verifier_options: dict = opt({}, "cot: options of the verifier, e.g. {pattern: ...} for regex.")
-    max_rounds: int = opt(2, "cot: sampling rounds per question; a question with no verified rationale is resampled "
+    max_rounds: int = opt(1, "cot: sampling rounds per question; a question with no verified rationale is resampled "
                           "(n more samples) until one passes or the rounds are spent.", ge=1)
     cot_instruction: str = opt(
         "Solve the problem step by step. End with a line '#### <answer>'.",

@@ -88,6 +88,14 @@ def write_dataset(out: Path, recipe, rows: list[dict], summary: dict, *, pipelin
     return len(rows)
 
 
+def check_filters(recipe) -> None:
+    """Every filter step names a filter and only options it takes (ConfigError otherwise)."""
+    from kdlm.generation.filters import check_filter
+
+    for step in recipe.generate.filters:
+        check_filter(step.name, {k: v for k, v in step.options.items() if not (step.name == "end_of_turn" and k == "student")})
+
+
 def apply_filters(recipe, rows: list[dict]) -> tuple[list[dict], list[tuple[dict, str]]]:
     """The recipe's hygiene filters in order; returns (kept, [(row, "filter: reason")])."""
     from kdlm.generation.filters import run_filter

@@ -8,8 +8,8 @@ Recipes name the steps, e.g.
     generate:
       filters:
         - {name: drop_truncated}
-        - {name: dedup_rouge, threshold: 0.7}
-        - {name: decontaminate, files: [eval/gsm8k_test.jsonl]}
+        - {name: dedup_rouge, options: {threshold: 0.7}}
+        - {name: decontaminate, options: {files: [eval/gsm8k_test.jsonl]}}
 
 Built-ins: drop_truncated, dedup_exact, dedup_rouge, repeated_ngrams, decontaminate, end_of_turn.
 Add one with `@register_filter("name")` from Python before running kdlm in that process; a name
@@ -77,6 +77,12 @@ def get_filter(name: str) -> FilterFn:
 
 def run_filter(name: str, rows: list[Row], **options: Any) -> tuple[list[Row], Dropped]:
     """Run filter `name` on `rows`, first checking `options` against its keyword parameters (ConfigError)."""
+    fn = check_filter(name, options)
+    return fn(rows, **options)
+
+
+def check_filter(name: str, options: dict) -> Callable:
+    """The filter `name`, after checking that it exists and takes `options` (ConfigError naming the nearest)."""
     fn = get_filter(name)
     params = inspect.signature(fn).parameters.values()
     if not any(p.kind is p.VAR_KEYWORD for p in params):
@@ -86,7 +92,7 @@ def run_filter(name: str, rows: list[Row], **options: Any) -> tuple[list[Row], D
                 close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.0)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ConfigError(f"generate.filters.{name}.{key}: unknown option{hint} (valid: {', '.join(accepted) or 'none'})")
-    return fn(rows, **options)
+    return fn
 
 
 # ----------------------------------------------------------------------------- row access

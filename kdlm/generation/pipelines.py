@@ -377,13 +377,13 @@ class Context(Pipeline):
     def items(self, recipe) -> list[Item]:
         g = recipe.generate
         items = read_items(recipe)
-        if g.demonstrations:
-            pool = read_items(recipe, g.demonstrations)
-            self.pool = [(d.text, d.gold, d.ref) for d in pool if d.gold]
-            self.same_source = False
-        else:
-            self.pool = [(it.text, it.gold, it.ref) for it in items if it.gold]
-            self.same_source = True
+        def answer(d: Item) -> Optional[str]:
+            value = d.row.get(g.demonstration_field)
+            return str(value) if isinstance(value, (str, int, float)) else d.gold
+
+        source = read_items(recipe, g.demonstrations) if g.demonstrations else items
+        self.pool = [(d.text, answer(d), d.ref) for d in source if answer(d)]
+        self.same_source = not g.demonstrations
         if g.k_shot and len(self.pool) < g.k_shot + self.same_source:
             raise DataError(f"{g.demonstrations or g.prompts}: {len(self.pool)} rows with an answer "
                             f"('{g.demonstration_field}'), fewer than generate.k_shot = {g.k_shot} demonstrations")
@@ -462,18 +462,18 @@ class SelfInstruct(Pipeline):
             gen.grow(len(batch))
             results = await asyncio.gather(*(gen.samples(m, n=1, sampling=sampling, ref=f"self_instruct round {rounds}")
                                              for m, _ in batch))
-            for (messages, start), samples in zip(batch, results):
-                for s in samples:
-                    for inst in parse_instructions(s.text, start):
-                        reason = self.reject_reason(inst, index, g, banned)
-                        if reason:
-                            rejected[reason] = rejected.get(reason, 0) + 1
-                            continue
-                        index.add(inst)
-                        kept.append(inst)
-                        self.origin[inst] = (s.key, rounds)
-                        if len(kept) >= g.num_instructions:
-                            break
+            candidates = [(s, inst) for (messages, start), samples in zip(batch, results) for s in samples
+                          for inst in parse_instructions(s.text, start)]
+            for s, inst in candidates:
+                if len(kept) >= g.num_instructions:
+                    break  # enough: the rest of this round's candidates are not looked at
+                reason = self.reject_reason(inst, index, g, banned)
+                if reason:
+                    rejected[reason] = rejected.get(reason, 0) + 1
+                    continue
+                index.add(inst)
+                kept.append(inst)
+                self.origin[inst] = (s.key, rounds)
         gen.stats.update({"self_instruct_rounds": rounds, "instructions_kept": len(kept),
                           "instructions_rejected": rejected})
         return [Item(index=i, ref=f"self_instruct:{self.origin[t][0]}", text=t,

@@ -80,6 +80,7 @@ class Generator:
     bar: Any = None
     stats: dict = field(default_factory=dict)  # pipeline figures for the summary (e.g. verified counts)
     failed_keys: set = field(default_factory=set)
+    inflight: dict = field(default_factory=dict)  # request key -> future of its completion, while it is being fetched
     stopped: Optional[str] = None
     new_requests: int = 0
 
@@ -109,21 +110,43 @@ class Generator:
                 self.counters.cached += 1
                 self._tick()
         missing = [i for i in indices if i not in got]
-        if missing:
+        # the same sample asked for by another prompt right now (duplicate prompts, identical self_instruct
+        # requests): wait for that answer instead of paying for it twice
+        waiting = {i: self.inflight[keys[i]] for i in missing if keys[i] in self.inflight}
+        to_send = [i for i in missing if i not in waiting]
+        if to_send:
             self._check_limits()
-            self.new_requests += 1
-            # samples are contiguous runs in practice; one request for all of them, seeds seed + index
-            request = SampleRequest(messages=messages, sampling=sampling, n=len(missing), seed=seed + missing[0])
+            loop = asyncio.get_running_loop()
+            futures = {i: loop.create_future() for i in to_send}
+            self.inflight.update({keys[i]: futures[i] for i in to_send})
             try:
-                answers = await self.backend.sample(request)
-            except RequestFailed as err:
-                self._record_failure([keys[i] for i in missing], messages, sampling, err, ref)
-                answers = []
-            entries = [(keys[i], a.as_dict()) for i, a in zip(missing, answers)]
-            self.cache.put(entries)
-            for i, (k, c) in zip(missing, entries):
-                got[i] = SampleResult(k, i, c, cached=False)
-                self.counters.samples += 1
+                for run in _contiguous(to_send):  # one request per run, so sample i always has seed + i
+                    self.new_requests += 1
+                    request = SampleRequest(messages=messages, sampling=sampling, n=len(run), seed=seed + run[0])
+                    try:
+                        answers = await self.backend.sample(request)
+                    except RequestFailed as err:
+                        self._record_failure([keys[i] for i in run], messages, sampling, err, ref)
+                        answers = []
+                    entries = [(keys[i], a.as_dict()) for i, a in zip(run, answers)]
+                    self.cache.put(entries)  # fsynced before anything uses the answers
+                    for i, (k, c) in zip(run, entries):
+                        got[i] = SampleResult(k, i, c, cached=False)
+                        self.counters.samples += 1
+                        self._tick()
+                        futures[i].set_result(c)
+                    for i in run[len(entries):]:
+                        futures[i].set_result(None)
+            finally:
+                for i in to_send:
+                    self.inflight.pop(keys[i], None)
+                    if not futures[i].done():
+                        futures[i].cancel()
+        for i, future in waiting.items():
+            completion = await future
+            if completion is not None:
+                got[i] = SampleResult(keys[i], i, completion, cached=True)
+                self.counters.cached += 1
                 self._tick()
         return [got[i] for i in indices if i in got]
 
@@ -184,13 +207,12 @@ async def _generate(recipe: GenerateRecipe, limits: Limits, *, dry_run: bool, sh
     out = Path(recipe.output.dir)
     g = recipe.generate
     pipeline = get_pipeline(g.pipeline)
-    if g.temperature == 0 and (g.n > 1 or (g.pipeline in ("cot", "step_by_step") and g.max_rounds > 1)):
-        from kdlm.errors import ConfigError
-
-        what = "generate.n" if g.n > 1 else "generate.max_rounds"
-        raise ConfigError(f"{what}: several samples of a prompt need generate.temperature > 0 (greedy samples are "
-                          "identical, and vLLM refuses n > 1 with greedy sampling)")
     items = pipeline.items(recipe)  # reads and checks the prompts before anything is written or loaded
+    if not getattr(pipeline, "from_cot", False):
+        _check_sampling(g)
+    from kdlm.generation.dataset import check_filters
+
+    check_filters(recipe)  # a typo in a filter fails now, not after every request was paid for
     if dry_run:
         plan = pipeline.estimate(recipe, items)
         summary = {"dry_run": True, "prompts": len(items), **plan}
@@ -225,6 +247,7 @@ async def _generate(recipe: GenerateRecipe, limits: Limits, *, dry_run: bool, sh
     failed_log = JsonlLog(out / FAILED)
     row_log = JsonlLog(out / ROW_LOG)
     written = {r["id"] for r in row_log.records()}
+    produced: set[str] = set()
     planned = pipeline.estimate(recipe, items)["samples"]
     bar = tqdm(total=planned, desc=f"generate {g.pipeline}", unit="sample", disable=not show_progress,
                dynamic_ncols=True)
@@ -237,6 +260,10 @@ async def _generate(recipe: GenerateRecipe, limits: Limits, *, dry_run: bool, sh
             rows = await pipeline.run(gen, item)
         except LimitReached:
             return
+        produced_now = sum(r["id"] in produced for r in rows)  # the same sample from another prompt this run
+        if produced_now:
+            gen.stats["duplicate_rows"] = gen.stats.get("duplicate_rows", 0) + produced_now
+        produced.update(r["id"] for r in rows)
         new = [r for r in rows if r["id"] not in written]
         row_log.append(new)  # one fsync per prompt
         written.update(r["id"] for r in new)
@@ -247,7 +274,7 @@ async def _generate(recipe: GenerateRecipe, limits: Limits, *, dry_run: bool, sh
             work = await pipeline.prepare(gen, items)  # e.g. self_instruct's instruction rounds
         except LimitReached:
             work = []
-        # bounded fan-out: at most 4 x concurrency prompts in flight (memory stays flat for huge prompt files)
+        # bounded fan-out: max(4 x concurrency, 64) prompts in flight (memory stays flat for huge prompt files)
         gate = asyncio.Semaphore(max(4 * g.concurrency, 64))
 
         async def gated(item):
@@ -281,6 +308,15 @@ async def _generate(recipe: GenerateRecipe, limits: Limits, *, dry_run: bool, sh
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     _print_summary(summary, out)
     return GenerationResult(out, n_rows, summary)
+
+
+def _check_sampling(g) -> None:
+    if g.temperature == 0 and (g.n > 1 or (g.pipeline in ("cot", "step_by_step") and g.max_rounds > 1)):
+        from kdlm.errors import ConfigError
+
+        what = "generate.n" if g.n > 1 else "generate.max_rounds"
+        raise ConfigError(f"{what}: several samples of a prompt need generate.temperature > 0 (greedy samples are "
+                          "identical, and vLLM refuses n > 1 with greedy sampling)")
 
 
 def _check_output(out: Path, recipe: GenerateRecipe) -> bool:
@@ -382,6 +418,17 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True, default=str)
     return out
+
+
+def _contiguous(indices: list[int]) -> list[list[int]]:
+    """[0, 1, 3, 4, 5] -> [[0, 1], [3, 4, 5]]."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
 
 
 def _now() -> str:

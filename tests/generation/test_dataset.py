@@ -73,8 +73,6 @@ def test_unknown_filter_or_option_is_a_config_error(tmp_path, make_recipe, scrip
         run_generate(make_recipe(prompts, filters=steps), scripted(filter_teacher))
 
 
-@pytest.mark.xfail(strict=True, reason="filter names and options are checked only in write_dataset, after every "
-                   "request was sent (run.py _generate checks no filter before backend.start)")
 def test_unknown_filter_option_is_refused_before_any_request(tmp_path, make_recipe, scripted, run_generate):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", FILTER_PROMPTS)
     teacher = scripted(filter_teacher)

@@ -179,8 +179,6 @@ def test_duplicate_prompts_share_one_row(tmp_path, make_recipe, scripted, run_ge
     assert [r["provenance"]["source"] for r in rows] == [f"{path}:1", f"{path}:3"]
 
 
-@pytest.mark.xfail(strict=True, reason="Generator.samples does not share in-flight requests: two prompts with the "
-                   "same request key that are in flight together are both sent (and paid for) (run.py)")
 def test_duplicate_prompts_in_flight_are_sent_once(tmp_path, make_recipe, scripted, run_generate):
     path = write_jsonl(tmp_path / "dup.jsonl", [{"prompt": "same"}, {"prompt": "same"}, {"prompt": "other"}])
     teacher = scripted(echo, delay_s=0.01)  # a network teacher: the requests overlap
@@ -188,8 +186,6 @@ def test_duplicate_prompts_in_flight_are_sent_once(tmp_path, make_recipe, script
     assert teacher.calls == 2
 
 
-@pytest.mark.xfail(strict=True, reason="Generator.samples sends ONE request for non-contiguous missing sample "
-                   "indices with seed + missing[0], so sample 2 is generated with seed + 1 (kdlm/generation/run.py)")
 def test_samples_around_a_cached_one_use_their_own_seeds(prompts_file, make_recipe, scripted, tmp_path):
     from kdlm.generation.run import Generator, Limits
     from kdlm.generation.store import JsonlLog, RequestCache
@@ -376,8 +372,6 @@ def test_step_by_step_from_plain_questions_runs_cot_inline(cot_file, make_recipe
     assert [r["provenance"]["cot_source"] for r in rows] == [f"{cot_file}:{refs[q]}" for q, *_ in STEPS for _ in "lr"]
 
 
-@pytest.mark.xfail(strict=True, reason="run.py refuses temperature 0 with max_rounds > 1 for step_by_step before "
-                   "knowing it reads a cot folder, where no request is sent at all")
 def test_step_by_step_from_a_cot_folder_needs_no_sampling_settings(cot_file, make_recipe, scripted, run_generate):
     cot, _ = run_cot(make_recipe, scripted, run_generate, cot_file)
     result = run_generate(make_recipe(cot.output_dir, "steps", pipeline="step_by_step"), scripted(cot_teacher))
@@ -485,8 +479,6 @@ def test_context_demonstrations_file(tmp_path, make_recipe, scripted, run_genera
                      scripted(guess))
 
 
-@pytest.mark.xfail(strict=True, reason="generate.demonstration_field is never read: Context.items takes the "
-                   "demonstration answer from generate.answer_field (kdlm/generation/pipelines.py)")
 def test_context_demonstration_field(tmp_path, make_recipe, scripted, run_generate, read_dataset):
     prompts = write_jsonl(tmp_path / "inputs.jsonl", [{"question": "Capital of Italy?"}])
     demos = write_jsonl(tmp_path / "demos.jsonl", [{"question": "Capital of France?", "output": "Paris"},
@@ -579,8 +571,6 @@ def test_self_instruct_pool_rules_prompts_and_rows(tmp_path, make_recipe, script
     assert all(r.sampling.temperature == 0.0 for r in teacher.requests if r not in asked)
 
 
-@pytest.mark.xfail(strict=True, reason="SelfInstruct.prepare's `break` leaves only the innermost loop: every later "
-                   "sample of the same round adds one more instruction past num_instructions (pipelines.py)")
 def test_self_instruct_keeps_exactly_num_instructions(tmp_path, make_recipe, scripted, run_generate):
     seeds = write_jsonl(tmp_path / "seeds.jsonl", [{"instruction": s} for s in SEEDS])
     teacher = scripted(InstructionTeacher(per_request=2))

@@ -78,22 +78,26 @@ class TransformersBackend(Backend):
         finally:
             tok.padding_side = side
         greedy = s.temperature == 0
-        torch.manual_seed(requests[0].seed)  # reproducible for the same batch
+        # one seed per batch on the global RNG: a sampled text depends on its batch (greedy ones do not), so a
+        # partial re-run may sample other text; the request cache keeps what was sampled first
+        torch.manual_seed(requests[0].seed)
+        stops = {"stop_strings": list(s.stop), "tokenizer": tok} if s.stop else {}  # stop there, not at max_new_tokens
         started = time.perf_counter()
         out = self.model.generate(**enc, max_new_tokens=s.max_new_tokens, do_sample=not greedy,
                                   temperature=None if greedy else s.temperature, top_p=None if greedy else s.top_p,
                                   top_k=s.top_k if not greedy else None, num_return_sequences=n,
-                                  pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+                                  pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                                  **stops)
         latency = (time.perf_counter() - started) / len(requests)
         new = out[:, enc["input_ids"].shape[1]:]  # [B*n, new tokens]
-        stops = set(_stop_ids(self.model, tok))
+        stop_ids = set(_stop_ids(self.model, tok))
         prompt_lengths = enc["attention_mask"].sum(1).tolist()
         results = []
         for i, req in enumerate(requests):
             samples = []
             for j in range(n):
                 row = new[i * n + j].tolist()
-                end = next((k for k, t in enumerate(row) if t in stops), None)
+                end = next((k for k, t in enumerate(row) if t in stop_ids), None)
                 finish = "stop" if end is not None else "length"
                 tokens = row[:end] if end is not None else row
                 text = tok.decode(tokens, skip_special_tokens=True)
