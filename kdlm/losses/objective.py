@@ -87,6 +87,8 @@ def token_coefficients(
     redi = any(term.name == "redi" for term in terms)
     if weights is None and negative is None and not redi:
         return None
+    if redi and example is None:
+        raise ValueError("the redi term needs `example` (which example each counted token belongs to)")
     n = next(t.shape[0] for t in (weights, negative, example) if t is not None)
     device = next(t.device for t in (weights, negative, example) if t is not None)
     weight = weights.to(dtype) if weights is not None else torch.ones(n, dtype=dtype, device=device)  # [N]
@@ -96,8 +98,6 @@ def token_coefficients(
         if term.name != "redi":
             rows.append(plain)
             continue
-        if example is None:
-            raise ValueError("the redi term needs `example` (which example each counted token belongs to)")
         _, inverse, lengths = torch.unique(example, return_inverse=True, return_counts=True)
         per_token = weight / lengths[inverse].to(dtype)  # [N]: w / |y|
         rows.append(torch.where(negative, -term.alpha * per_token, per_token) if negative is not None else per_token)

@@ -137,12 +137,16 @@ def test_weights_scale_each_tokens_loss_exactly(models, fused):
 
 
 def test_packed_rows_weigh_each_member_as_unpacked(models):
-    examples = _examples([0.5, 0.5, 0.3, 0.7])
+    """Each packed member keeps its weight, its negative flag and its own |y| for redi (members found from the
+    position ids restarting at 0)."""
+    examples = _examples([0.5, 0.5, 0.3, 0.7], [False, True, False, False])
     terms = resolve_terms(LossConfig(terms=[LossTerm(name="forward_kl", weight=0.6, temperature=T),
-                                            LossTerm(name="ce", weight=0.4)]))
+                                            LossTerm(name="ce", weight=0.4), LossTerm(name="redi", weight=0.2)]))
     collate = Collator(0)
     padded, _, padded_grads = _step(models, terms, [collate(examples)], fused=True)
-    packed, _, packed_grads = _step(models, terms, [collate(pack_examples(examples, pack_length=24))], fused=True)
+    rows = pack_examples(examples, pack_length=24)
+    assert len(rows) < len(examples) and max(len(r.members) for r in rows) > 1
+    packed, _, packed_grads = _step(models, terms, [collate(rows)], fused=True)
     for label in padded:
         torch.testing.assert_close(packed[label], padded[label], rtol=1e-11, atol=0)
     torch.testing.assert_close(packed_grads, padded_grads, rtol=1e-9, atol=1e-13)
