@@ -205,9 +205,12 @@ def _write_or_print(text: str, output: Optional[str]) -> None:
 def _print_result(result) -> None:
     print(f"kdlm: {result.steps} steps; student saved to {result.model_dir}")
     if result.after:
-        print(f"{'':18} {'CE':>8} {'KL':>8} {'top-1':>7}")
+        # a run with no teacher (ce / redi only) validates CE alone
+        columns = [(k, label, fmt) for k, label, fmt in (("ce", "CE", "8.4f"), ("kl_to_teacher", "KL", "8.4f"),
+                                                         ("top1_agreement", "top-1", "7.2%")) if k in result.after]
+        print(f"{'':18} " + " ".join(f"{label:>{8 if fmt != '7.2%' else 7}}" for _, label, fmt in columns))
         for name, m in (("initial student", result.before), ("distilled student", result.after)):
-            print(f"{name:18} {m['ce']:8.4f} {m['kl_to_teacher']:8.4f} {m['top1_agreement']:7.2%}")
+            print(f"{name:18} " + " ".join(format(m[k], fmt) for k, _, fmt in columns))
 
 
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
