@@ -42,7 +42,10 @@ start() {
   mkdir -p "$RUN_DIR"
   if healthy "$port"; then echo "http://127.0.0.1:$port/v1"; return 0; fi
   local log="$RUN_DIR/server-$port.log"
-  VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2} VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-WARNING} \
+  # vLLM's CPU guide: preload Intel's OpenMP runtime (shipped in the environment) for its kernels' threading
+  local preload=${LD_PRELOAD:-}
+  [ -f "$ENV_DIR/lib/libiomp5.so" ] && preload="$ENV_DIR/lib/libiomp5.so${preload:+:$preload}"
+  LD_PRELOAD="$preload" VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2} VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-WARNING} \
   HF_HUB_OFFLINE=1 setsid "$ENV_DIR/bin/python" -m vllm.entrypoints.openai.api_server \
       --model "$model" --served-model-name "${KDLM_VLLM_NAME:-teacher}" --host 127.0.0.1 --port "$port" \
       --dtype bfloat16 --max-model-len "${KDLM_VLLM_MAX_LEN:-2048}" --max-logprobs 20 \

@@ -1,8 +1,9 @@
 """`kdlm quickstart`: a real distillation on a CPU in minutes.
 
 1. The bundled SmolLM2-135M-Instruct teacher answers the project's own prompts
-   (`prompts.jsonl`) with batched greedy generation; the answers are cached, keyed by
-   the prompts, the teacher and the generation settings.
+   (`prompts.jsonl`) through `kdlm generate`'s `responses` pipeline (transformers backend,
+   batched greedy generation); the dataset folder is cached, keyed by the prompts, the
+   teacher and the generation settings.
 2. `recipes/quickstart.yaml` distils the teacher into a 10-of-30-layer student on them.
 3. A table compares initial student, distilled student and teacher on the held-out
    split (CE, KL to teacher, top-1 agreement), with sample answers side by side.
@@ -23,7 +24,7 @@ import torch
 from kdlm.config import load_recipe
 from kdlm.data import prepare_data, read_rows
 from kdlm.models import bundled
-from kdlm.models.generate import cpu_has_fast_bf16, generate_chat
+from kdlm.models.generate import generate_chat
 from kdlm.models.init_student import keep_layers
 from kdlm.models.loading import load_model, load_tokenizer, resolve_source
 from kdlm.training import distill
@@ -44,27 +45,30 @@ def prompts() -> list[dict]:
 
 
 def teacher_answers(show_progress: bool = True) -> Path:
-    """The quickstart's training data: the teacher's answer to every prompt, as chat messages (cached JSONL)."""
+    """The quickstart's training data: the teacher's answer to every prompt, written by `kdlm generate`'s
+    `responses` pipeline with the `transformers` backend (the one code path for teacher text), into a cached
+    dataset folder keyed by the prompts, the teacher and the generation settings."""
+    from kdlm.config import from_dict
+    from kdlm.config.generation import GenerateRecipe
+    from kdlm.generation.run import generate
+
+    prompt_file = resources.files("kdlm") / "quickstart" / "prompts.jsonl"
     rows = prompts()
     teacher_dir = bundled.materialize(TEACHER)
     key = hashlib.sha256(json.dumps([rows, teacher_dir.name, GENERATION], sort_keys=True).encode()).hexdigest()[:16]
-    path = bundled.cache_root() / "quickstart" / f"answers-{key}.jsonl"
-    if path.is_file():
-        return path
-    source = resolve_source(TEACHER)
-    tokenizer = load_tokenizer(source)
-    # bf16 generation is ~2.4x faster on CPUs with native bf16; these answers are only data, so its
-    # rounding is harmless (the distillation targets are the fp32 teacher's logits).
-    dtype = torch.bfloat16 if cpu_has_fast_bf16() or torch.cuda.is_available() else torch.float32
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(source, dtype=dtype, device=device, frozen=True)
-    answers = generate_chat(model, tokenizer, [r["prompt"] for r in rows], desc="teacher answers",
-                            show_progress=show_progress, **GENERATION)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"id": r["id"], "messages": [{"role": "user", "content": r["prompt"]},
-                                                     {"role": "assistant", "content": a}]}) for r, a in zip(rows, answers)]
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
+    out = bundled.cache_root() / "quickstart" / f"answers-{key}"
+    if (out / "manifest.json").is_file() and json.loads((out / "manifest.json").read_text()).get("complete"):
+        return out
+    # greedy, all prompts queued at once (concurrency = their number) so the batches are cut from the
+    # length-sorted whole, 48 prompts each; bf16 where the CPU has it (the answers are only data: the
+    # distillation targets are the fp32 teacher's logits)
+    recipe = from_dict(GenerateRecipe, {
+        "teacher": {"backend": "transformers", "model": TEACHER, "batch_size": GENERATION["batch_size"]},
+        "generate": {"pipeline": "responses", "prompts": str(prompt_file), "max_new_tokens": GENERATION["max_new_tokens"],
+                     "temperature": 0.0, "concurrency": len(rows)},
+        "output": {"dir": str(out), "overwrite": True}})
+    generate(recipe, show_progress=show_progress)
+    return out
 
 
 def run_quickstart(output: Path, *, overrides: list[str] = (), show_progress: bool = True) -> dict:
