@@ -80,7 +80,8 @@ class Generator:
     bar: Any = None
     stats: dict = field(default_factory=dict)  # pipeline figures for the summary (e.g. verified counts)
     failed_keys: set = field(default_factory=set)
-    inflight: dict = field(default_factory=dict)  # request key -> future of its completion, while it is being fetched
+    inflight: dict = field(default_factory=dict)
+    slots: Optional[asyncio.Semaphore] = None  # generate.concurrency requests out at once  # request key -> future of its completion, while it is being fetched
     stopped: Optional[str] = None
     new_requests: int = 0
 
@@ -115,7 +116,14 @@ class Generator:
         waiting = {i: self.inflight[keys[i]] for i in missing if keys[i] in self.inflight}
         to_send = [i for i in missing if i not in waiting]
         if to_send:
-            self._check_limits()
+            if self.slots is None:
+                self.slots = asyncio.Semaphore(self.recipe.generate.concurrency)
+            await self.slots.acquire()  # limits are checked when a request really goes out, so token and cost
+            try:                        # limits overshoot by at most the requests already in flight
+                self._check_limits()
+            except LimitReached:
+                self.slots.release()
+                raise
             loop = asyncio.get_running_loop()
             futures = {i: loop.create_future() for i in to_send}
             self.inflight.update({keys[i]: futures[i] for i in to_send})
@@ -138,6 +146,7 @@ class Generator:
                     for i in run[len(entries):]:
                         futures[i].set_result(None)
             finally:
+                self.slots.release()
                 for i in to_send:
                     self.inflight.pop(keys[i], None)
                     if not futures[i].done():

@@ -114,7 +114,7 @@ def test_greedy_equals_model_generate_by_hand(teacher, make_recipe, prompts_path
     assert len({text_of(tokenizer, ids) for ids in alone}) == len(PROMPTS) and all(text_of(tokenizer, i) for i in alone)
     assert all(tokenizer.eos_token_id not in ids for ids in alone)
 
-    recipe = local_recipe(make_recipe, prompts_path, folder, batch_size=batch_size)
+    recipe = local_recipe(make_recipe, prompts_path, folder, batch_size=batch_size, concurrency=32)  # all queued at once
     backend = SpyBackend(recipe.teacher, Counters(), model=model, tokenizer=tokenizer)
     result = run_generate(recipe, backend)
     rows, _ = read_dataset(result.output_dir)
