@@ -117,9 +117,11 @@ def main() -> None:
     results = {"machine": machine_info(), "versions": versions("torch", "transformers", "httpx"), "date": utc_now(),
                "server": args.base_url, "workload": args.workload, "prompts": len(texts), "max_tokens": args.max_tokens,
                "temperature": 0.0}
-    # warm the server, one request and then a concurrent burst (vLLM's CPU kernels are prepared for the batch
-    # shapes they meet first), so that no client pays for it
+    # warm the server so that no client pays for what the first one would: every prompt once with one new token
+    # (vLLM's prefix cache then holds every prompt for every client alike) and a concurrent burst (the CPU
+    # kernels meet the batch shapes once)
     sequential(args.base_url, args.model, texts[:1], 8)
+    plain_concurrent(args.base_url, args.model, texts, 1, args.concurrency)
     plain_concurrent(args.base_url, args.model, texts[: args.concurrency], 16, args.concurrency)
     results["kdlm_concurrency_%d" % args.concurrency] = kdlm_run(api, texts, args.max_tokens, args.concurrency)
     print(json.dumps(results["kdlm_concurrency_%d" % args.concurrency]), flush=True)

@@ -26,6 +26,7 @@ from kdlm.data.sources import DATASET_FORMAT, DATASET_MANIFEST
 from kdlm.generation.store import atomic_write_text
 
 FORMAT_VERSION = 1
+TOKENIZER_FILTERS = ("end_of_turn", "same_tokens")  # filters that get the student's tokenizer
 
 
 def shard_name(i: int) -> str:
@@ -93,7 +94,7 @@ def check_filters(recipe) -> None:
     from kdlm.generation.filters import check_filter
 
     for step in recipe.generate.filters:
-        check_filter(step.name, {k: v for k, v in step.options.items() if not (step.name == "end_of_turn" and k == "student")})
+        check_filter(step.name, {k: v for k, v in step.options.items() if not (step.name in TOKENIZER_FILTERS and k == "student")})
 
 
 def apply_filters(recipe, rows: list[dict]) -> tuple[list[dict], list[tuple[dict, str]]]:
@@ -103,7 +104,7 @@ def apply_filters(recipe, rows: list[dict]) -> tuple[list[dict], list[tuple[dict
     dropped: list[tuple[dict, str]] = []
     for step in recipe.generate.filters:
         options = dict(step.options)
-        if step.name == "end_of_turn" and "tokenizer" not in options:
+        if step.name in TOKENIZER_FILTERS and "tokenizer" not in options:
             options["tokenizer"] = _student_tokenizer(recipe, options.pop("student", None))
         rows, out = run_filter(step.name, rows, **options)
         dropped += [(row, f"{step.name}: {reason}") for row, reason in out]
@@ -116,7 +117,7 @@ def _student_tokenizer(recipe, name):
 
     name = name or recipe.teacher.tokenizer or (recipe.teacher.model if recipe.teacher.backend != "openai" else None)
     if not name:
-        raise ConfigError("generate.filters: end_of_turn needs options.student (the student's tokenizer: hub id, "
+        raise ConfigError("generate.filters: end_of_turn and same_tokens need options.student (the student's tokenizer: hub id, "
                           "folder or bundled alias)")
     return load_tokenizer(resolve_source(name))
 

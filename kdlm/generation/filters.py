@@ -528,3 +528,35 @@ def end_of_turn(
             whose = "a special token of the student" if found in own else "a chat-template marker"
             dropped.append((row, f"response contains {found!r} ({whose})"))
     return kept, dropped
+
+
+@register_filter("same_tokens")
+def same_tokens(rows: list[Row], *, tokenizer: Any = None) -> tuple[list[Row], Dropped]:
+    """Grey-box rows only: drop a row whose answer text, encoded by the student's tokenizer, is not the token
+    sequence the teacher generated (its `teacher_logprobs`). Sampling can produce a non-canonical split ("aj" +
+    "o" where the tokenizer writes "ajo"); the student then trains on other tokens than the teacher scored, so
+    the per-position log-probs cannot line up. Rows without teacher_logprobs are kept."""
+    if tokenizer is None:
+        raise ConfigError("generate.filters.same_tokens: needs the student's tokenizer (options.student)")
+    from kdlm.generation.greybox import TokenMapper
+
+    mapper = TokenMapper(tokenizer)
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    kept: list[Row] = []
+    dropped: Dropped = []
+    for row in rows:
+        lp = row.get("teacher_logprobs")
+        if not lp:
+            kept.append(row)
+            continue
+        generated = [mapper(t) for t in lp.get("tokens") or []]
+        while generated and generated[-1] in special:  # the end-of-turn token the server listed
+            generated.pop()
+        encoded = tokenizer(response_text(row), add_special_tokens=False)["input_ids"]
+        if generated == encoded:
+            kept.append(row)
+        else:
+            at = next((i for i, (a, b) in enumerate(zip(generated, encoded)) if a != b), min(len(generated), len(encoded)))
+            dropped.append((row, f"the answer re-tokenises differently from the teacher's tokens (from token {at} of "
+                                 f"{len(generated)})"))
+    return kept, dropped

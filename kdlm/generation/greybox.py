@@ -95,6 +95,10 @@ class LogprobSource:
         offsets = [i for a, b in e.ranges for i in range(a, b)]
         targets = [e.input_ids[i] for i in offsets]
         generated = [self.map(t) for t in lp["tokens"]]
+        if len(generated) < len(targets) and (row.get("provenance") or {}).get("finish_reason") == "length":
+            raise DataError(f"{e.sample_id}: finish_reason=length: the teacher stopped at max_new_tokens before its "
+                            "end-of-turn token, which the student's chat template adds, so that position has no teacher "
+                            "log-probs; drop such rows (generate.filters: [{name: drop_truncated}])")
         if len(generated) < len(targets):
             raise DataError(f"{e.sample_id}: the student counts {len(targets)} answer tokens, the teacher's log-probs "
                             f"cover {len(generated)}; the server did not list its end-of-turn token, or the row holds "
@@ -103,8 +107,10 @@ class LogprobSource:
             if want != got:
                 raise ModelError(
                     f"{e.sample_id}: answer token {j} is {self._show(want)} in the student's encoding but the teacher "
-                    f"generated {lp['tokens'][j]!r}; teacher and student tokenizers disagree (grey-box KD needs the "
-                    "same tokenizer; with vLLM set teacher.extra_body: {return_tokens_as_token_ids: true})")
+                    f"generated {lp['tokens'][j]!r}: a split of the text the tokenizer does not write (sampling can "
+                    "produce one; drop such rows with generate.filters: [{name: same_tokens}]), or teacher and "
+                    "student tokenizers disagree (grey-box KD needs the same tokenizer; with vLLM set "
+                    "teacher.extra_body: {return_tokens_as_token_ids: true})")
         ids = np.zeros((len(targets), self.k), np.int64)
         logprobs = np.zeros((len(targets), self.k), np.float32)
         for j in range(len(targets)):

@@ -143,3 +143,19 @@ def test_token_mapper(tiny_tokenizer):
     piece = tiny_tokenizer.decode([300])
     assert tiny_tokenizer.decode([mapper(piece)]) == piece  # decoded text maps back to a token that spells it
     assert mapper("token_id:x") is None and mapper(None) is None
+
+
+def test_same_tokens_filter_drops_rows_that_retokenise_differently(tmp_path, tiny_model_dir, tiny_tokenizer):
+    from kdlm.data import read_rows
+    from kdlm.generation.filters import run_filter
+
+    def spoil(rows):
+        rows[4]["teacher_logprobs"]["tokens"][0] = "token_id:399"
+
+    folder, _ = logprob_rows(tmp_path, tiny_model_dir, tiny_tokenizer, spoil=spoil)
+    rows = read_rows(str(folder), "train").rows
+    for row in rows:  # as the server lists them: the answer's tokens, then the end-of-turn token
+        row["teacher_logprobs"]["tokens"][-1] = f"token_id:{tiny_tokenizer.convert_tokens_to_ids('<|im_end|>')}"
+    kept, dropped = run_filter("same_tokens", rows + [{"messages": rows[0]["messages"]}], tokenizer=tiny_tokenizer)
+    assert len(kept) == len(ANSWERS) and [r for r, _ in dropped] == [rows[4]]
+    assert "re-tokenises differently from the teacher's tokens (from token 0 of" in dropped[0][1]

@@ -123,8 +123,9 @@ def test_greybox_logprobs_become_a_cache_that_trains(vllm_url, tmp_path, teacher
 
     gen = from_dict(GenerateRecipe, {
         "teacher": teacher(vllm_url, extra_body={"return_tokens_as_token_ids": True}),
-        "generate": {"prompts": str(quickstart_prompts(tmp_path, 16)), "max_new_tokens": 48, "logprobs": 20,
-                     "concurrency": 8}, "output": {"dir": str(tmp_path / "gen")}})
+        "generate": {"prompts": str(quickstart_prompts(tmp_path, 24)), "max_new_tokens": 96, "logprobs": 20,
+                     "concurrency": 8, "filters": [{"name": "drop_truncated"},
+                                                    {"name": "same_tokens", "options": {"student": str(teacher_folder)}}]}, "output": {"dir": str(tmp_path / "gen")}})
     folder = generate(gen, show_progress=False).output_dir
     recipe = load_recipe(None, [
         f"teacher.model={teacher_folder}", f"student.model={teacher_folder}", "student.keep_layers=4",
@@ -150,4 +151,4 @@ def test_greybox_logprobs_become_a_cache_that_trains(vllm_url, tmp_path, teacher
             cached_ids, _ = cache.rows(ex.sample_id)
             same += int((torch.from_numpy(cached_ids[:, 0].astype(np.int64)) == local).sum())
             total += len(local)
-    assert total > 200 and same / total >= 0.95, f"top-1 agreement {same / total:.3f} over {total} positions"
+    assert total > 150 and same / total >= 0.95, f"top-1 agreement {same / total:.3f} over {total} positions"
