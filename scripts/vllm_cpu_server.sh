@@ -45,6 +45,11 @@ start() {
   # vLLM's CPU guide: preload Intel's OpenMP runtime (shipped in the environment) for its kernels' threading
   local preload=${LD_PRELOAD:-}
   [ -f "$ENV_DIR/lib/libiomp5.so" ] && preload="$ENV_DIR/lib/libiomp5.so${preload:+:$preload}"
+  # vLLM keeps one core for its scheduler process; on a machine of a few cores that halves the compute, and
+  # measured on 2 cores the server wrote 250 instead of 191 tokens/s at 16 in flight with none reserved
+  local reserved=${VLLM_CPU_NUM_OF_RESERVED_CPU:-}
+  [ -z "$reserved" ] && [ "$(nproc)" -le 4 ] && reserved=0
+  if [ -n "$reserved" ]; then export VLLM_CPU_NUM_OF_RESERVED_CPU=$reserved; fi
   LD_PRELOAD="$preload" VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2} VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-WARNING} \
   HF_HUB_OFFLINE=1 setsid "$ENV_DIR/bin/python" -m vllm.entrypoints.openai.api_server \
       --model "$model" --served-model-name "${KDLM_VLLM_NAME:-teacher}" --host 127.0.0.1 --port "$port" \
