@@ -469,6 +469,9 @@ class _Handler(BaseHTTPRequestHandler):
         undo = None
         if count:
             undo = self.owner._count_response(status, answer)
+        if getattr(self, "_inflight", False):  # done before the bytes go out: a client's next request never
+            self.owner._leave()                # meets this one still counted in flight
+            self._inflight = False
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -568,10 +571,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         in_flight = srv._enter()
+        self._inflight = True
         try:
             self._complete(endpoint, raw, in_flight)
         finally:
-            srv._leave()
+            if self._inflight:  # no response was sent (a dropped connection, an abandoned hang)
+                srv._leave()
+                self._inflight = False
 
     def _complete(self, endpoint: str, raw: bytes, in_flight: int):
         srv = self.owner
