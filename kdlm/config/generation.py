@@ -109,7 +109,8 @@ class GenerateConfig:
     top_k: Optional[int] = opt(None, "Top-k sampling (null: off).", ge=1)
     stop: list[str] = opt([], "Stop strings.")
     seed: int = opt(0, "Base seed; sample i of a prompt uses seed + i.")
-    concurrency: int = opt(16, "Requests in flight at once (openai), prompts queued for batching (local backends).", ge=1)
+    concurrency: int = opt(16, "Requests in flight at once (openai); prompts queued for batching (local backends: "
+                           "keep it >= teacher.batch_size, or the batches stay smaller).", ge=1)
     logprobs: int = opt(0, "Top-k log-probabilities to keep per generated token (grey-box KD: vLLM and OpenAI return "
                         "up to 20). 0: none.", ge=0, le=20)
     verifier: str = opt("gsm8k", "cot: answer verifier by name: gsm8k, boxed, exact, regex, choice, or a registered one.")
