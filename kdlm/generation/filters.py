@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from kdlm.errors import ConfigError, DataError
+from kdlm.generation.registry import look_up, register_into
 
 Row = dict[str, Any]
 Dropped = list[tuple[Row, str]]
@@ -55,24 +56,12 @@ FILTERS: Mapping[str, FilterFn] = MappingProxyType(_REGISTRY)  # read-only view:
 
 def register_filter(name: str) -> Callable[[FilterFn], FilterFn]:
     """Decorator: register `f(rows, **options) -> (kept, dropped)` as `name`; a name already taken is a ValueError."""
-
-    def decorator(fn: FilterFn) -> FilterFn:
-        if name in _REGISTRY:
-            raise ValueError(f"filter {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
-
-    return decorator
+    return register_into(_REGISTRY, "filter", name)
 
 
 def get_filter(name: str) -> FilterFn:
     """The filter registered as `name` (ConfigError naming the nearest valid name when unknown)."""
-    if name not in _REGISTRY:
-        valid = sorted(_REGISTRY)
-        close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.0)  # cutoff 0: always a suggestion
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"generate.filters: unknown filter {name!r}{hint} (valid: {', '.join(valid)})")
-    return _REGISTRY[name]
+    return look_up(_REGISTRY, "filter", "generate.filters", name)
 
 
 def run_filter(name: str, rows: list[Row], **options: Any) -> tuple[list[Row], Dropped]:

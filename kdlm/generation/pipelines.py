@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from kdlm.errors import ConfigError, DataError
+from kdlm.generation.registry import look_up, register_into
 
 
 @dataclass
@@ -42,22 +43,16 @@ PIPELINES: dict[str, type] = {}
 
 
 def register_pipeline(name: str):
+    """Decorator: register a Pipeline class as `name` (sets its `name`); a name already taken is a ValueError."""
     def wrap(cls):
-        if name in PIPELINES:
-            raise ValueError(f"pipeline {name!r} is already registered")
         cls.name = name
-        PIPELINES[name] = cls
-        return cls
+        return register_into(PIPELINES, "pipeline", name)(cls)
     return wrap
 
 
 def get_pipeline(name: str):
-    if name not in PIPELINES:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(PIPELINES), n=1)
-        raise ConfigError(f"generate.pipeline: unknown pipeline {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return PIPELINES[name]()
+    """A new pipeline object of the class registered as `name` (ConfigError naming the nearest when unknown)."""
+    return look_up(PIPELINES, "pipeline", "generate.pipeline", name)()
 
 
 # ----------------------------------------------------------------------------- prompts and rows

@@ -41,6 +41,7 @@ from types import MappingProxyType
 from typing import Callable, Mapping, Optional, Union
 
 from kdlm.errors import ConfigError
+from kdlm.generation.registry import look_up, register_into
 from kdlm.evaluation.answers import extract_number, normalize_number
 
 __all__ = [
@@ -87,25 +88,12 @@ VERIFIERS: Mapping[str, VerifierFactory] = MappingProxyType(_REGISTRY)  # read-o
 
 def register_verifier(name: str) -> Callable[[VerifierFactory], VerifierFactory]:
     """Decorator: register a Verifier class (or factory) as `name`; a name already taken is a ValueError."""
-
-    def decorator(factory: VerifierFactory) -> VerifierFactory:
-        if name in _REGISTRY:
-            raise ValueError(f"verifier {name!r} is already registered")
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorator
+    return register_into(_REGISTRY, "verifier", name)
 
 
 def get_verifier(name: str, **options: object) -> Verifier:
     """A new verifier `name` built with `options` (ConfigError naming the nearest valid name or option)."""
-    if name not in _REGISTRY:
-        valid = sorted(_REGISTRY)
-        # cutoff=0: always name the nearest valid name, however far off the typo is
-        close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.0)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"generate.verifier: unknown verifier {name!r}{hint} (valid: {', '.join(valid)})")
-    factory = _REGISTRY[name]
+    factory = look_up(_REGISTRY, "verifier", "generate.verifier", name)
     accepted = _keyword_names(factory)
     if accepted is not None:
         for key in options:
