@@ -137,15 +137,10 @@ class Collator:
         longest = max(len(ex.input_ids) for ex in batch)
         width = -(-longest // self.multiple) * self.multiple
         packed = any(ex.position_ids is not None for ex in batch)
-        input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        input_ids, labels, attention_mask = self._pad([ex.input_ids for ex in batch], [ex.labels for ex in batch], width)
         position_ids = torch.zeros((len(batch), width), dtype=torch.long)
         for row, ex in enumerate(batch):
             n = len(ex.input_ids)
-            input_ids[row, :n] = torch.tensor(ex.input_ids)
-            labels[row, :n] = torch.tensor(ex.labels)
-            attention_mask[row, :n] = 1
             position_ids[row, :n] = torch.tensor(ex.position_ids if ex.position_ids is not None else range(n))
             position_ids[row, n:] = torch.arange(width - n)
         out = {"input_ids": input_ids, "labels": labels,
@@ -163,6 +158,18 @@ class Collator:
             out.update(self._teacher_inputs(batch))
         return out
 
+    def _pad(self, ids: list[list[int]], labels: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded input_ids, labels (-100) and attention_mask, each [B, width]."""
+        input_ids = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)
+        label_rows = torch.full((len(ids), width), IGNORE, dtype=torch.long)
+        attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, (row_ids, row_labels) in enumerate(zip(ids, labels)):
+            n = len(row_ids)
+            input_ids[row, :n] = torch.tensor(row_ids)
+            label_rows[row, :n] = torch.tensor(row_labels)
+            attention_mask[row, :n] = 1
+        return input_ids, label_rows, attention_mask
+
     @staticmethod
     def _per_token(batch: list[Example], width: int, dtype: torch.dtype, value) -> torch.Tensor:
         """[B, L]: value(weight, negative) of the example (packed member) each token belongs to."""
@@ -178,12 +185,6 @@ class Collator:
             raise ValueError(f"{missing}: a batch mixes examples with and without the teacher's own input")
         longest = max(len(ex.teacher_input_ids) for ex in batch)
         width = -(-longest // self.multiple) * self.multiple
-        input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, ex in enumerate(batch):
-            n = len(ex.teacher_input_ids)
-            input_ids[row, :n] = torch.tensor(ex.teacher_input_ids)
-            labels[row, :n] = torch.tensor(ex.teacher_labels)
-            attention_mask[row, :n] = 1
+        input_ids, labels, attention_mask = self._pad([ex.teacher_input_ids for ex in batch],
+                                                      [ex.teacher_labels for ex in batch], width)
         return {"teacher_input_ids": input_ids, "teacher_labels": labels, "teacher_attention_mask": attention_mask}
