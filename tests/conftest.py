@@ -129,3 +129,12 @@ def make_jsonl(tmp_path) -> Callable[..., Path]:
         return path
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on shared cores: one intra-op thread is much faster than two contending ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

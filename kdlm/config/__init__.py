@@ -7,12 +7,15 @@ from kdlm.config.schema import (
     LossTerm,
     OutputConfig,
     Recipe,
+    SamplingConfig,
+    ScheduleConfig,
+    SourceConfig,
     StudentConfig,
     TeacherConfig,
     TrainConfig,
 )
 
 __all__ = [
-    "DataConfig", "LossConfig", "LossTerm", "OutputConfig", "Recipe", "StudentConfig", "TeacherConfig",
+    "DataConfig", "LossConfig", "LossTerm", "OutputConfig", "Recipe", "SamplingConfig", "ScheduleConfig", "SourceConfig", "StudentConfig", "TeacherConfig",
     "TrainConfig", "apply_override", "config_reference", "dump_yaml", "from_dict", "load_recipe", "to_dict",
 ]

@@ -223,7 +223,7 @@ def config_reference() -> str:
             extra = [f"{k} {v}" for k, v in (("≥", f.metadata.get("ge")), (">", f.metadata.get("gt")),
                                                ("≤", f.metadata.get("le")), ("<", f.metadata.get("lt"))) if v is not None]
             rng = f" Range: {', '.join(extra)}." if extra else ""
-            lines.append(f"| `{f.name}` | {_type_name(tp)} | `{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}` "
+            lines.append(f"| `{f.name}` | {_type_name(tp)} | `{yaml.safe_dump(default, default_flow_style=True, width=2**30).strip().removesuffix('...').strip()}` "
                          f"| {f.metadata.get('help', '')}{rng} |")
             inner = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
             if dataclasses.is_dataclass(inner):

@@ -1,7 +1,7 @@
 """The recipe: one typed dataclass per concern.
 
-A recipe YAML file has the sections `teacher`, `student`, `data`, `loss`, `train`
-and `output`; each maps onto one dataclass below. The help text, type, default
+A recipe YAML file has the sections `teacher`, `student`, `data`, `loss`, `source`,
+`sampling`, `schedule`, `train` and `output`; each maps onto one dataclass below. The help text, type, default
 and allowed range of every field live here and only here: the validator
 (`kdlm.config.load`) reads them to check a recipe, and the config reference in
 the docs is generated from them (`kdlm config-reference`).
@@ -17,8 +17,11 @@ from kdlm.errors import ConfigError
 # Names accepted in `loss.terms[].name`. The first ones are computed from the student alone
 # (kdlm.losses.objective.STUDENT_TERMS); the divergence names must match kdlm.losses.DIVERGENCE_KINDS
 # (a test keeps the lists equal).
-STUDENT_TERM_NAMES = ("ce", "redi")
-TERM_NAMES = STUDENT_TERM_NAMES + ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
+STUDENT_TERM_NAMES = ("ce", "redi", "pg")
+TERM_NAMES = STUDENT_TERM_NAMES + ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl", "taid")
+
+# Batch sources (kdlm.training.sources): where each optimizer step's rows come from.
+SAMPLED_SOURCES = ("student", "teacher", "mixed", "replay")  # need prompts: sample completions during training
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -111,6 +114,10 @@ class DataConfig:
         None, "Column holding a bool: true marks a rejected (negative) completion. Negative rows count only in "
         "the redi loss term (every other term gives them weight 0); null: no row is negative."
     )
+    domain_field: Optional[str] = opt(
+        None, "Column naming each row's domain (a string). Needed by schedule.ddk_every (DDK's domain-weighted "
+        "sampling); null: no domains."
+    )
     teacher_messages_field: Optional[str] = opt(
         None, "Context distillation: column holding the teacher's version of the chat (a list of {role, content}, "
         "e.g. with demonstrations before the question) whose last assistant turn(s) are the same text as the "
@@ -135,8 +142,11 @@ class LossTerm:
     name: str = opt(
         "forward_kl",
         "Term name: ce (cross-entropy on the data's tokens), redi (REDI, Xu et al. 2025: length-normalised "
-        "cross-entropy on positive rows minus alpha times it on negative rows, see data.negative_field), or a "
-        "divergence from the teacher: " + ", ".join(TERM_NAMES[len(STUDENT_TERM_NAMES):]) + ".",
+        "cross-entropy on positive rows minus alpha times it on negative rows, see data.negative_field), pg "
+        "(MiniLLM's long-term policy-gradient part on sampled completions: -sum_t A_t w_t log q(y_t), see "
+        "docs/concepts/on_policy.md), or a divergence from the teacher: "
+        + ", ".join(TERM_NAMES[len(STUDENT_TERM_NAMES):]) + " (taid: KL(p_t || q) to TAID's interpolated target, "
+        "t from schedule.taid_*).",
         choices=TERM_NAMES,
     )
     weight: float = opt(1.0, "Weight of this term in the sum.", ge=0.0)
@@ -145,6 +155,11 @@ class LossTerm:
     skew: Optional[float] = opt(None, "skew_*: weight of the reference's own distribution in the skewed mixture. null: loss.skew.", ge=0.0, lt=1.0)
     alpha: Optional[float] = opt(None, "redi: weight of the negative rows' term (their per-token coefficient is "
                                  "-alpha/|y|). null: loss.redi_alpha.", ge=0.0)
+    rows: Literal["all", "samples", "data"] = opt(
+        "all", "Which rows of a step the term counts: all, only completions sampled during training (samples), or "
+        "only the dataset's own completions (data; with source.data_rows: true they ride along on sampled steps, "
+        "e.g. MiniLLM's language-modelling term)."
+    )
 
 
 @dataclass
@@ -162,9 +177,72 @@ class LossConfig:
     redi_alpha: float = opt(0.8, "Default alpha of redi terms: weight of the negative completions against the positive ones "
                             "(REDI's 0.8: alpha < 1 keeps the push on negatives weaker than the pull on positives, "
                             "which the paper found stable).", ge=0.0)
+    pg_clip: Optional[float] = opt(0.2, "pg: PPO-style clipping epsilon of the importance ratio (MiniLLM: 0.2); "
+                                   "null: no clipping.", gt=0.0)
+    pg_length_normalise: bool = opt(True, "pg: divide each return R_{t+1} by the number of tokens it sums over "
+                                    "(MiniLLM's length normalisation).")
     fused: bool = opt(True, "Compute the LM head and the losses chunk by chunk, never holding [tokens, vocab] logits "
                       "for all tokens (same values and gradients as the unfused path).")
     chunk_mb: int = opt(256, "Byte budget (MiB) of one chunk's [rows, vocab] buffers on the fused path.", ge=1)
+
+
+@dataclass
+class SourceConfig:
+    """The batch source: where each optimizer step's rows come from (kdlm.training.sources).
+
+    static: the dataset's rows. student: completions the student samples for the batch's prompts (on-policy;
+    GKD lambda = 1). teacher: completions the teacher samples (sequence-level KD, GKD's seq_kd). mixed: each
+    step is a student-sample step with probability lmbda, else an off_policy step (GKD). replay: DistiLLM's
+    adaptive off-policy schedule: fresh student samples with probability p (raised when validation CE worsens),
+    else a batch from a replay buffer of earlier student samples (the dataset while it is empty).
+    Per-step choices are drawn once on the main process and broadcast, so every rank trains on the same kind.
+    """
+
+    kind: Literal["static", "student", "teacher", "mixed", "replay"] = opt("static", "The batch source (see above).")
+    lmbda: float = opt(0.5, "mixed: probability that a step trains on student samples (GKD's lambda).", ge=0.0, le=1.0)
+    off_policy: Literal["data", "teacher"] = opt(
+        "data", "mixed: what the other steps train on: the dataset's completions (data), or completions the teacher "
+        "samples for the same prompts (teacher: GKD's seq_kd)."
+    )
+    data_rows: bool = opt(False, "On sampled steps, also keep the dataset's own rows for the same prompts in the "
+                          "batch, for terms with rows: data (MiniLLM's language-modelling term, lm_coef).")
+    replay_capacity: int = opt(1000, "replay: student samples the buffer keeps per process (oldest dropped first).", ge=1)
+    fresh_start: float = opt(0.0, "replay: initial probability of fresh student samples (DistiLLM: 0).", ge=0.0, le=1.0)
+    fresh_step: float = opt(0.1, "replay: how much the probability rises when validation CE worsens.", ge=0.0, le=1.0)
+    fresh_tolerance: float = opt(0.1, "replay: validation CE must worsen by more than this (nats) to raise it.", ge=0.0)
+
+
+@dataclass
+class SamplingConfig:
+    """How completions are sampled during training (student / teacher / mixed / replay sources). These settings
+    are the sampler's own: the loss temperature is loss.temperature."""
+
+    max_new_tokens: int = opt(128, "Most tokens sampled per completion; a completion ends after its first "
+                              "end-of-turn token. The prompt plus this must fit in data.max_length.", ge=1)
+    temperature: float = opt(1.0, "Sampling temperature (> 0).", gt=0.0)
+    top_p: float = opt(1.0, "Nucleus sampling mass; 1.0: off.", gt=0.0, le=1.0)
+    top_k: int = opt(0, "Sample among the k most likely tokens; 0: off.", ge=0)
+    teacher_mix: float = opt(0.0, "Student samples are drawn from teacher_mix*p_teacher + (1-teacher_mix)*q_student "
+                             "(MiniLLM's teacher-mixed sampling, 0.2); the divergence and pg terms are then weighted "
+                             "by the importance ratio q/p~. 0: plain student samples.", ge=0.0, lt=1.0)
+    batch_size: Optional[int] = opt(None, "Prompts per decode batch. null: all of a step's prompts (every "
+                                    "micro-batch) in one call.", ge=1)
+    bucket: bool = opt(True, "Sort a step's prompts by length before splitting them into decode batches (less padding).")
+
+
+@dataclass
+class ScheduleConfig:
+    """Adaptive schedules that change the objective or the data during training."""
+
+    taid_t_start: float = opt(0.4, "TAID: initial interpolation t (the teacher's weight in the target).", ge=0.0, le=1.0)
+    taid_t_end: float = opt(1.0, "TAID: final t.", ge=0.0, le=1.0)
+    taid_alpha: float = opt(5e-4, "TAID: step size of the adaptive update.", ge=0.0)
+    taid_momentum: float = opt(0.99, "TAID: momentum of the relative loss change.", ge=0.0, lt=1.0)
+    ddk_every: int = opt(0, "DDK: re-weight the domains (data.domain_field) every N steps from the per-domain "
+                         "validation CE of student and teacher; 0: off (uniform over rows).", ge=0)
+    ddk_smoothing: float = opt(0.5, "DDK: share of the previous weights kept at each update.", ge=0.0, lt=1.0)
+    ddk_uniform: float = opt(0.1, "DDK: share of the uniform distribution mixed into the weights.", ge=0.0, le=1.0)
+    ddk_eval_batches: Optional[int] = opt(None, "DDK: validation batches per domain at each update (null: all).", ge=1)
 
 
 @dataclass
@@ -213,6 +291,9 @@ class Recipe:
     student: StudentConfig = field(default_factory=StudentConfig, metadata={"help": "The student model."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Training and validation data."})
     loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "The objective."})
+    source: SourceConfig = field(default_factory=SourceConfig, metadata={"help": "The batch source."})
+    sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata={"help": "Sampling during training."})
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig, metadata={"help": "Adaptive schedules (TAID, DDK)."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Optimisation and bookkeeping."})
     output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "Outputs."})
 
@@ -220,3 +301,46 @@ class Recipe:
         if self.data.teacher_messages_field is not None and self.teacher.source == "cache":
             raise ConfigError("data.teacher_messages_field: context distillation needs the live teacher (a cache "
                               "holds its signal on the student's input); set teacher.source: live")
+        self._check_sources()
+
+    def _check_sources(self) -> None:
+        """Method parts that do not fit together: one line each, before any model loads."""
+        names = {t.name for t in self.loss.terms}
+        sampled = self.source.kind in SAMPLED_SOURCES
+        if sampled:
+            why = f"source.kind: {self.source.kind} samples completions for the data's prompts"
+            if self.data.format == "text" or not self.data.completion_only:
+                raise ConfigError(f"{why}, so the data needs prompts: use prompt_completion or messages rows with "
+                                  f"data.completion_only: true (data.format is {self.data.format!r})")
+            if self.data.packing:
+                raise ConfigError(f"{why}; data.packing does not apply to sampled rows: set data.packing: false")
+            if self.data.teacher_messages_field is not None:
+                raise ConfigError(f"{why}; context distillation (data.teacher_messages_field) needs fixed answers")
+            if self.teacher.source == "cache":
+                raise ConfigError(f"{why}; an offline teacher cache cannot score new samples: set teacher.source: live")
+            if self.sampling.max_new_tokens >= self.data.max_length:
+                raise ConfigError(f"sampling.max_new_tokens ({self.sampling.max_new_tokens}) must be below "
+                                  f"data.max_length ({self.data.max_length}), which must hold prompt + completion")
+        if self.source.kind == "replay" and self.train.eval_every == 0:
+            raise ConfigError("source.kind: replay raises its fresh-sample probability when validation CE worsens; "
+                              "set train.eval_every > 0")
+        if self.sampling.teacher_mix > 0 and self.source.kind not in ("student", "mixed", "replay"):
+            raise ConfigError(f"sampling.teacher_mix mixes the teacher into STUDENT samples; source.kind "
+                              f"{self.source.kind} samples none")
+        if "pg" in names and not sampled:
+            raise ConfigError("loss.terms: pg is a policy gradient on sampled completions; set source.kind to "
+                              "student, mixed or replay")
+        if any(t.rows != "all" for t in self.loss.terms) and not sampled:
+            raise ConfigError(f"loss.terms[].rows: only a sampled source (not {self.source.kind}) has sample and "
+                              "data rows to tell apart")
+        if any(t.rows == "data" for t in self.loss.terms) and self.source.kind != "mixed" and not self.source.data_rows:
+            raise ConfigError("loss.terms[].rows: data counts the dataset's rows, which sampled steps drop; set "
+                              "source.data_rows: true")
+        if self.schedule.ddk_every and self.data.domain_field is None:
+            raise ConfigError("schedule.ddk_every: DDK weighs domains; set data.domain_field to the column naming them")
+        if self.schedule.ddk_every and self.teacher.source == "cache":
+            raise ConfigError("schedule.ddk_every: DDK needs the teacher's per-domain CE, which a top-k cache cannot "
+                              "give; set teacher.source: live")
+        if self.schedule.taid_t_end < self.schedule.taid_t_start:
+            raise ConfigError(f"schedule.taid_t_end ({self.schedule.taid_t_end}) is below schedule.taid_t_start "
+                              f"({self.schedule.taid_t_start})")

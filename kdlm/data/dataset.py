@@ -27,6 +27,17 @@ class Example:
     teacher_labels: Optional[list[int]] = None  # ... whose counted tokens are the student's counted tokens
     member_weights: Optional[list[float]] = None  # packed rows only: each member's weight, in order
     member_negatives: Optional[list[bool]] = None  # packed rows only: each member's negative flag, in order
+    domain: Optional[str] = None  # data.domain_field: the row's domain (DDK's domain-weighted sampling)
+    # Rows sampled during training (kdlm.training.sources): the completion was drawn by the student or teacher.
+    sampled: bool = False
+    # ... and, when the objective needs them, per-token log-probs of each sampled token (aligned with input_ids,
+    # 0.0 on the prompt): of the proposal it was drawn from, and of the untempered student and teacher then.
+    sample_logprobs: Optional[dict[str, list[float]]] = None
+
+    @property
+    def prompt_length(self) -> int:
+        """Tokens before the first counted one: the prompt a sampled completion continues."""
+        return next((i for i, label in enumerate(self.labels) if label != IGNORE), len(self.labels))
 
     def spans(self) -> list[tuple[int, int, float, bool]]:
         """(start, end, weight, negative) of each example in the row: the row itself, or each packed member."""
@@ -84,10 +95,19 @@ def encode_rows(raw: RawRows, tokenizer, cfg: Any, report: DataReport, desc: str
             report.dropped_empty += 1
             continue
         report.negative_examples += negative
+        domain = _domain(row, cfg.domain_field, where) if cfg.domain_field else None
         out.append(Example(where, encoded.input_ids, encoded.labels, weight=weight, negative=negative,
-                           teacher_input_ids=encoded.teacher_input_ids, teacher_labels=encoded.teacher_labels))
+                           teacher_input_ids=encoded.teacher_input_ids, teacher_labels=encoded.teacher_labels,
+                           domain=domain))
     report.skipped_bad += raw.skipped
     return out
+
+
+def _domain(row: dict, field: str, where: str) -> str:
+    value = row.get(field)
+    if not isinstance(value, str) or not value:
+        raise DataError(f"{where}: data.domain_field {field!r} must be a non-empty string, got {value!r}")
+    return value
 
 
 def prepare_data(cfg: Any, tokenizer, *, seed: int) -> tuple[list[Example], list[Example], DataReport]:
@@ -156,6 +176,24 @@ class Collator:
             out["negative"] = self._per_token(batch, width, torch.bool, lambda weight, negative: negative)
         if any(ex.teacher_input_ids is not None for ex in batch):
             out.update(self._teacher_inputs(batch))
+        if any(ex.sampled for ex in batch):
+            out["sampled"] = self._per_row(batch, width, torch.bool, lambda ex: ex.sampled)
+            keys = sorted({k for ex in batch for k in (ex.sample_logprobs or {})})
+            for key in keys:  # [B, L] fp32: 0 on prompts, padding and data rows
+                rows = torch.zeros((len(batch), width), dtype=torch.float32)
+                for row, ex in enumerate(batch):
+                    if ex.sample_logprobs and key in ex.sample_logprobs:
+                        values = ex.sample_logprobs[key]
+                        rows[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
+                out[f"{key}_logprobs"] = rows
+        return out
+
+    @staticmethod
+    def _per_row(batch: list[Example], width: int, dtype: torch.dtype, value) -> torch.Tensor:
+        """[B, L]: value(example) on each row's tokens."""
+        out = torch.zeros((len(batch), width), dtype=dtype)
+        for row, ex in enumerate(batch):
+            out[row, : len(ex.input_ids)] = value(ex)
         return out
 
     def _pad(self, ids: list[list[int]], labels: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -12,6 +12,8 @@ Conventions (see docs/concepts/divergences.md):
 - `beta` is the TEACHER's weight in the JSD mixture m = beta*p_T + (1-beta)*p_S;
 - `skew` is the weight of the distribution that the skewed KL measures from:
   skew_forward_kl = KL(p_T || skew*p_T + (1-skew)*p_S) (DistiLLM, Ko et al. 2024);
+- `beta` is also TAID's interpolation coefficient t, the TEACHER's weight in the target
+  p_t = softmax((1-t)*stopgrad(log p_S) + t*log p_T) (Shing et al. 2025);
 - `divergence` returns T**2 * (mean over counted positions) (Hinton et al. 2015),
   `per_position_divergence` the raw per-position values (no T**2, no mask, no mean).
 """
@@ -155,6 +157,38 @@ def skew_reverse_kl(student_logprobs: Tensor, teacher_logprobs: Tensor, *, beta:
     """
     log_m = _log_mixture(student_logprobs, teacher_logprobs, skew)  # [..., V]
     return _kl(student_logprobs, log_m)
+
+
+@register_divergence("taid")
+def taid(student_logprobs: Tensor, teacher_logprobs: Tensor, *, beta: float, skew: float) -> Tensor:
+    """TAID: KL(p_t || p_S) to a time-dependent target interpolated between student and teacher.
+
+    TAID (Shing et al. 2025, "TAID: Temporally Adaptive Interpolated Distillation for Efficient
+    Knowledge Transfer in Language Models", ICLR 2025), with t = beta, the TEACHER's weight in the
+    interpolation (as in jsd's mixture):
+
+        p_t  = softmax((1 - t) * stopgrad(z_S) + t * z_T)                    # [..., V]
+             = softmax((1 - t) * stopgrad(log p_S) + t * log p_T)            (log_softmax = z - const per row)
+        loss = KL(p_t || p_S) = sum_v p_t,v (log p_t,v - log p_S,v)          # [...]
+
+    The target p_t is fully detached (the student part by the stop-gradient, the teacher as
+    everywhere), so the gradient w.r.t. the student logits is p_S - p_t: forward-KL distillation
+    towards p_t. This is NOT the derivative of the value as a function of the student logits
+    (p_t moves with them), so finite-difference gradient checks do not apply. t = 1 is forward_kl
+    exactly (same code path); t = 0 is exactly 0 (p_t = p_S). t is raised during training from
+    t_start (0.4) towards 1 by `kdlm.training.schedules.TaidSchedule`. `skew` is unused.
+    Teacher entries of -inf get p_t = 0 for t > 0.
+    """
+    if beta >= 1:
+        log_target = teacher_logprobs  # [..., V]: bit-identical to forward_kl
+    elif beta <= 0:
+        log_target = student_logprobs.detach()  # [..., V]: p_t = p_S, the value is exactly 0
+    else:
+        with torch.no_grad():  # the target carries no graph: nothing of it is kept for backward
+            mixed = student_logprobs.detach().mul(1 - beta).add_(teacher_logprobs, alpha=beta)  # [..., V], one buffer
+            log_target = torch.log_softmax(mixed, dim=-1)  # [..., V]
+            del mixed
+    return _kl(log_target, student_logprobs)
 
 
 DIVERGENCE_KINDS: tuple[str, ...] = tuple(_REGISTRY)

@@ -13,6 +13,9 @@ every c_kn = 1 and the plain sum is taken). They carry, in one mechanism:
   data"): l_n = -log p_student(y_n) and c_n = w_n / |y| on a positive row, -alpha * w_n / |y| on a
   negative one, |y| = that example's counted tokens. Per pair this is REDI's
   L = -(1/|y+|) log p(y+|x) + alpha (1/|y-|) log p(y-|x).
+- pg (MiniLLM, Gu et al. 2024): l_n = -log q(y_n) on sampled tokens, c_n = A_n * w_n from
+  `kdlm.losses.policy.pg_coefficients` (future reward times importance weight, detached), so that the
+  gradient is -sum_n A_n w_n grad log q(y_n).
 The denominator stays the plain count N of counted tokens, so loss = sum_k weight_k sum_n c_kn l_kn / N;
 for redi this rescales REDI's per-pair mean by (pairs / tokens) of the step.
 """
@@ -30,7 +33,8 @@ from kdlm.losses.divergences import per_position_divergence
 
 
 # Terms computed from the student's cross-entropy on the data's tokens alone: no teacher needed.
-STUDENT_TERMS = ("ce", "redi")
+# pg: MiniLLM's long-term policy-gradient part, -log q(y_t) with coefficient A_t * w_t (kdlm.losses.policy).
+STUDENT_TERMS = ("ce", "redi", "pg")
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class Term:
     beta: float
     skew: float
     alpha: float = 0.8  # redi: weight of the negative rows
+    rows: str = "all"  # which rows of a step it counts: all, samples (drawn during training) or data
 
     @property
     def needs_teacher(self) -> bool:
@@ -64,6 +69,7 @@ def resolve_terms(loss_cfg) -> list[Term]:
             beta=t.beta if t.beta is not None else loss_cfg.beta,
             skew=t.skew if t.skew is not None else loss_cfg.skew,
             alpha=t.alpha if t.alpha is not None else loss_cfg.redi_alpha,
+            rows=getattr(t, "rows", "all"),
         ))
     return terms
 
@@ -105,10 +111,13 @@ def token_coefficients(
 
 
 def check_coefficients(coefficients: Optional[Tensor], terms, rows: int) -> None:
-    """A redi term needs coefficients (its 1/|y|), and they must be one row per term, one column per token."""
+    """redi and pg terms need coefficients (redi's 1/|y|, pg's A_t w_t), and they must be one row per term, one
+    column per token. Without them a pg term would silently be plain cross-entropy on the samples."""
     if coefficients is None:
-        if any(term.name == "redi" for term in terms):
-            raise ValueError("the redi term needs token coefficients (objective.token_coefficients)")
+        for name in ("redi", "pg"):
+            if any(term.name == name for term in terms):
+                raise ValueError(f"the {name} term needs token coefficients (objective.token_coefficients / "
+                                 f"kdlm.losses.policy.pg_coefficients)")
         return
     if tuple(coefficients.shape) != (len(terms), rows):
         raise ValueError(f"coefficients must be [{len(terms)} terms, {rows} tokens], got {tuple(coefficients.shape)}")

@@ -2,6 +2,7 @@
 
 Layout of `RUN/checkpoints/`:
     step-000050/        accelerate state (model.safetensors, optimizer, scheduler, RNG) + trainer_state.json
+                        (+ rank-N.pt: a process's own state, e.g. its replay buffer, when it has one)
     latest              text file naming the newest complete checkpoint folder
 
 A checkpoint is written into a hidden temporary folder, then renamed into place, and
@@ -30,8 +31,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(accelerator, root: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Save accelerate's state plus `state` as checkpoint `step`; prune to the newest `keep`. All ranks call this."""
+def save_checkpoint(accelerator, root: Path, step: int, state: dict[str, Any], keep: int,
+                    rank_state: Optional[dict] = None) -> Path:
+    """Save accelerate's state plus `state` as checkpoint `step`; prune to the newest `keep`. All ranks call this.
+    `rank_state`: this process's own state (torch.save'd as rank-N.pt), or None."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
@@ -39,6 +42,11 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict[str, Any], k
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    if rank_state is not None:
+        import torch
+
+        torch.save(rank_state, tmp / f"rank-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()  # every rank's file is in before the folder is renamed
     if accelerator.is_main_process:
         atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2))
         if final.exists():
@@ -63,6 +71,14 @@ def load_checkpoint(accelerator, path: Path) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and RNG state; return the trainer state (step, data position)."""
     accelerator.load_state(str(path))
     return json.loads((path / STATE_FILE).read_text())
+
+
+def load_rank_state(accelerator, path: Path) -> Optional[dict]:
+    """This process's own state from checkpoint `path` (None when it saved none)."""
+    import torch
+
+    file = path / f"rank-{accelerator.process_index}.pt"
+    return torch.load(file, weights_only=False) if file.is_file() else None
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from kdlm.data.encode import IGNORE
 from kdlm.losses.fused import DEFAULT_CHUNK_BYTES, TOTAL_KEY, fused_sums
+from kdlm.losses.policy import importance_weights, pg_coefficients, rewards
 from kdlm.losses.sparse import SparseTeacher, sparse_term_sums
 from kdlm.losses.objective import LMHead, Term, lm_head_of, term_sums, token_coefficients, weighted_total
 
@@ -34,7 +35,9 @@ def counted_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-LOSS_INPUTS = ("token_weights", "negative")  # per-token [B, L], in a batch only when some example needs them
+# per-token [B, L], in a batch only when some example needs them: example weights, negative flags, which tokens
+# were sampled during training, and the sampler's log-probs of them (proposal, student, teacher)
+LOSS_INPUTS = ("token_weights", "negative", "sampled", "behavior_logprobs", "student_logprobs", "teacher_logprobs")
 
 
 def model_inputs(batch: dict) -> dict[str, Tensor]:
@@ -123,14 +126,18 @@ class DistillationModule(nn.Module):
     """
 
     def __init__(self, student: nn.Module, terms: list[Term], vocab: int, *, fused: bool = True,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, pg_clip: Optional[float] = 0.2,
+                 pg_length_normalise: bool = True):
         super().__init__()
         self.student = student
-        self.terms = terms
+        self.terms = terms  # replaced by the loop when a schedule moves a term's parameter (TAID's t)
         self.vocab = vocab
         self.fused = fused
         self.chunk_bytes = chunk_bytes
-        self.redi = any(term.name == "redi" for term in terms)  # needs each token's example, for 1/|y|
+        self.pg_clip = pg_clip
+        self.pg_length_normalise = pg_length_normalise
+        # redi needs each token's example (for 1/|y|), pg each sampled sequence's (for its returns)
+        self.per_example = any(term.name in ("redi", "pg") for term in terms)
 
     @property
     def head(self) -> LMHead:
@@ -145,13 +152,21 @@ class DistillationModule(nn.Module):
         teacher: Optional[Union[TeacherRows, SparseTeacher]] = None,
         token_weights: Optional[Tensor] = None,
         negative: Optional[Tensor] = None,
+        sampled: Optional[Tensor] = None,
+        behavior_logprobs: Optional[Tensor] = None,
+        student_logprobs: Optional[Tensor] = None,
+        teacher_logprobs: Optional[Tensor] = None,
     ) -> dict[str, Tensor]:
-        """token_weights [B, L] fp32 / negative [B, L] bool: per token, its example's loss weight / negative flag."""
+        """token_weights [B, L] fp32 / negative [B, L] bool: per token, its example's loss weight / negative flag.
+        sampled [B, L] bool: the token was sampled during training; *_logprobs [B, L] fp32: the sampler's
+        log-probs of each sampled token (kdlm.training.sampling)."""
         mask, targets = counted_positions(labels)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         inputs = {k: v for k, v in inputs.items() if v is not None}
         hidden = last_hidden(self.student, inputs)[:, :-1][mask]  # [N, H] (autocast dtype)
-        coefficients = self.coefficients(mask, labels, position_ids, token_weights, negative)  # [K, N] or None
+        sampling = {"sampled": sampled, "behavior": behavior_logprobs, "student": student_logprobs,
+                    "teacher": teacher_logprobs}
+        coefficients = self.coefficients(mask, labels, position_ids, token_weights, negative, sampling)  # [K, N] or None
         sparse = isinstance(teacher, SparseTeacher)  # an offline cache: top-k log-probs instead of hidden states
         if self.fused:
             teacher_hidden = teacher if sparse else (teacher.hidden if teacher else None)
@@ -167,15 +182,57 @@ class DistillationModule(nn.Module):
         return {**{k: v.detach() for k, v in sums.items()}, TOTAL_KEY: weighted_total(sums, self.terms)}
 
     def coefficients(self, mask: Tensor, labels: Tensor, position_ids: Optional[Tensor],
-                     token_weights: Optional[Tensor], negative: Optional[Tensor]) -> Optional[Tensor]:
-        """The objective's per-term coefficients [K, N] at the counted tokens; None on the plain path."""
-        if token_weights is None and negative is None and not self.redi:
+                     token_weights: Optional[Tensor], negative: Optional[Tensor],
+                     sampling: Optional[dict] = None) -> Optional[Tensor]:
+        """The objective's per-term coefficients [K, N] at the counted tokens; None on the plain path.
+
+        On top of objective.token_coefficients (example weights, negatives, redi's 1/|y|), for sampled rows:
+        - a term's `rows` scope: samples keeps only sampled tokens, data only the dataset's own;
+        - importance weights w = q(y_t) / p~(y_t) on the sampled tokens of the divergence and pg terms, when the
+          sampler recorded the proposal (teacher-mixed sampling): the expectation is then under the student;
+        - pg (MiniLLM's long-term part): c_t = A_t * w_t, A_t the (length-normalised) return of the rewards
+          log p(y_t) - log q(y_t) after t, zeroed where PPO-style clipping stops the gradient."""
+        sampling = sampling or {}
+        sampled = sampling.get("sampled")
+        scoped = any(term.rows != "all" or term.name == "pg" for term in self.terms)
+        if token_weights is None and negative is None and not self.per_example and not scoped:
             return None
 
         def at_counted(per_token: Optional[Tensor]) -> Optional[Tensor]:  # [B, L] -> [N]: output i predicts token i+1
             return per_token[:, 1:][mask] if per_token is not None else None
 
-        example = at_counted(example_index(labels, position_ids)) if self.redi else None
+        example = at_counted(example_index(labels, position_ids)) if self.per_example else None
         dtype = torch.promote_types(self.head.weight.dtype, torch.float32)  # the losses' compute dtype
-        return token_coefficients(self.terms, weights=at_counted(token_weights), negative=at_counted(negative),
+        base = token_coefficients(self.terms, weights=at_counted(token_weights), negative=at_counted(negative),
                                   example=example, dtype=dtype)
+        n = int(mask.sum())
+        base = base if base is not None else torch.ones((len(self.terms), n), dtype=dtype, device=mask.device)
+        is_sampled = at_counted(sampled) if sampled is not None else torch.zeros(n, dtype=torch.bool, device=mask.device)
+        weights = None
+        if sampling.get("behavior") is not None and sampling.get("student") is not None:
+            w = importance_weights(at_counted(sampling["student"]), at_counted(sampling["behavior"])).to(dtype)
+            weights = torch.where(is_sampled, w, torch.ones_like(w))  # [N]: 1 on the data's own tokens
+        rows = []
+        for k, term in enumerate(self.terms):
+            row = base[k]
+            if term.rows == "samples" or term.name == "pg":
+                row = row * is_sampled
+            elif term.rows == "data":
+                row = row * ~is_sampled
+            if term.name == "pg":
+                row = row * self._pg_coefficients(at_counted, example, is_sampled, weights, sampling, dtype)
+            elif weights is not None and term.needs_teacher:
+                row = row * weights
+            rows.append(row)
+        return torch.stack(rows)  # [K, N]
+
+    def _pg_coefficients(self, at_counted, example: Tensor, is_sampled: Tensor, weights: Optional[Tensor],
+                         sampling: dict, dtype: torch.dtype) -> Tensor:
+        """[N]: pg's c_t = A_t * w_t after clipping (0 on unsampled tokens, and on steps without samples)."""
+        if sampling.get("teacher") is None or sampling.get("student") is None:
+            return torch.zeros_like(is_sampled, dtype=dtype)  # an off-policy step: no policy gradient
+        reward = rewards(at_counted(sampling["teacher"]), at_counted(sampling["student"])).to(dtype) * is_sampled
+        w = weights if weights is not None else torch.ones_like(reward)
+        coefficient = pg_coefficients(rewards=reward, example=example, weights=w,
+                                      length_normalise=self.pg_length_normalise, clip=self.pg_clip)
+        return coefficient * is_sampled

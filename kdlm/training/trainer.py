@@ -1,41 +1,49 @@
-"""`kdlm distill`: the training loop, on accelerate (DDP / FSDP / DeepSpeed under `accelerate launch`).
+"""`kdlm distill`: a run assembled in stages, then the one training loop (kdlm.training.loop), on accelerate
+(DDP / FSDP / DeepSpeed under `accelerate launch`).
 
-The loop, per optimizer step:
-    draw grad_accum micro-batches; count their scored tokens across all processes (one reduce)
-    for each micro-batch: teacher forward (no grad; none when no term needs it) -> student forward + objective -> backward
-    clip, optimizer step, LR schedule; log; validate / checkpoint every N steps
+A method is a (batch source, teacher signal, objective) triple; the recipe names the parts and the stages
+below build them, one concern each, in the order a run's data flows:
+
+    tokenizers_stage   student / teacher tokenizers; incompatible vocabularies refused before any weights load
+    data_stage         encoded train / validation examples (and the prompts a sampled source continues)
+    models_stage       the student, and the teacher signal: a live teacher, an offline cache, or none
+    objective_stage    the objective module (terms), optimizer and LR schedule
+    source_stage       the batch source (static, student / teacher / mixed / replay samples; DDK's domain draw)
+    schedules_stage    adaptive schedules (TAID's t, DDK's weights)
+Then: resume (model, optimizer, data position, source and schedule state), run_loop, export.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from kdlm.cache import CachedTeacher, cache_dir_for
 from kdlm.config import Recipe, dump_yaml, to_dict
+from kdlm.config.schema import SAMPLED_SOURCES
 from kdlm.data import Collator, DataReport, prepare_data
 from kdlm.data.packing import pack_examples
-from kdlm.errors import ConfigError, ModelError, OutputError
-from kdlm.losses.fused import TOTAL_KEY
-from kdlm.losses.objective import resolve_terms
+from kdlm.errors import ConfigError, DataError, ModelError, OutputError
+from kdlm.losses.objective import Term, resolve_terms
 from kdlm.models.compat import shared_vocab_size
 from kdlm.models.generate import cpu_has_fast_bf16
 from kdlm.models.init_student import keep_layers, parameter_count
 from kdlm.models.loading import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
-from kdlm.training.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from kdlm.training.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, load_rank_state
 from kdlm.training.export import model_card, save_student_folder
+from kdlm.training.hooks import DdkHook, TaidHook
+from kdlm.training.loop import Loop, accumulate_gradients, run_loop  # noqa: F401  (accumulate_gradients: public)
 from kdlm.training.metrics import MetricsLog, peak_memory_mb
-from kdlm.training.step import (DistillationModule, Teacher, counted_positions, loss_inputs, model_inputs, teacher_autocast,
-                                teacher_signal)
+from kdlm.training.schedules import DomainWeights
+from kdlm.training.sources import (DomainStream, LoaderStream, SampledSource, SamplerModels, StaticSource,
+                                   check_prompts, stop_ids_of)
+from kdlm.training.step import DistillationModule, Teacher, teacher_autocast
 from kdlm.training.validate import validate
 
 log = logging.getLogger(__name__)
@@ -58,66 +66,39 @@ class RunResult:
     history: list[dict] = field(default_factory=list)
 
 
+@dataclass
+class Tokenizers:
+    student_src: object
+    student: object
+    teacher_src: Optional[object]  # None: no part of the run needs the teacher
+    teacher: Optional[object]
+
+
+@dataclass
+class Models:
+    student: torch.nn.Module
+    student_init: str  # for the model card
+    teacher: Optional[Union[Teacher, CachedTeacher]]
+    vocab: int  # the vocabulary the objective compares over
+
+
 def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[[int], None]] = None,
             show_progress: bool = True) -> RunResult:
     """Run a distillation described by `recipe`. `on_step(step)` is called after every optimizer step."""
-    from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
-
-    from accelerate.state import AcceleratorState, GradientState
 
     out = Path(recipe.output.dir)
     cfg = recipe.train
-    # accelerate keeps process-wide singletons; a second run in the same Python process (the API, tests,
-    # notebooks) may want another precision. The process group (PartialState) is kept.
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    accelerator = Accelerator(
-        mixed_precision=_mixed_precision(cfg.mixed_precision),
-        log_with=list(cfg.report_to) or None,
-        project_dir=str(out),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
+    accelerator = _accelerator(recipe, out)
     wipe = _check_output_dir(out, recipe, resume)  # read-only, every rank: never clobber a finished run
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
     main = accelerator.is_main_process
 
-    # 1. tokenizers first (cheap): refuse incompatible vocabularies before loading weights. An objective of
-    # ce / redi terms only (SFT, sequence-level KD on teacher-written text) never touches the teacher.
     terms = resolve_terms(recipe.loss)
-    needs_teacher = any(t.needs_teacher for t in terms)
-    student_src = resolve_source(recipe.student.model, recipe.student.gguf_file, recipe.student.revision)
-    tokenizer = load_tokenizer(student_src, trust_remote_code=recipe.student.trust_remote_code)
-    teacher_src = teacher_tok = None
-    if needs_teacher:
-        teacher_src = resolve_source(recipe.teacher.model, recipe.teacher.gguf_file, recipe.teacher.revision)
-        teacher_tok = load_tokenizer(teacher_src, trust_remote_code=recipe.teacher.trust_remote_code)
-        if teacher_tok.get_vocab() != tokenizer.get_vocab():
-            shared_vocab_size(teacher_tok, tokenizer, 0, 0)  # raises with the differing tokens named
-
-    # 2. data
-    train_set, val_set, report = prepare_data(recipe.data, tokenizer, seed=cfg.seed)
-    if report.negative_examples and not any(t.name == "redi" for t in terms):
-        raise ConfigError(f"data.negative_field marks {report.negative_examples} negative rows but no loss term "
-                          f"uses them; add {{name: redi}} to loss.terms")
-    if main:
-        print(f"kdlm: data: {report.summary()}", flush=True)
-
-    # 3. models (with an offline cache, or no term that needs it, the teacher is not loaded at all)
-    student_device = resolve_device(recipe.student.device, accelerator.device)
-    student = load_model(student_src, dtype=resolve_dtype(recipe.student.dtype, student_device, trainable=True),
-                         device=student_device, trust_remote_code=recipe.student.trust_remote_code)
-    student_init = f"`{recipe.student.model}` ({parameter_count(student) / 1e6:.1f}M parameters)"
-    if recipe.student.keep_layers is not None:
-        kept = keep_layers(student, recipe.student.keep_layers)
-        student_init = f"layers {kept} of `{recipe.student.model}` ({parameter_count(student) / 1e6:.1f}M parameters)"
-    student_rows = student.get_output_embeddings().weight.shape[0]
-    teacher, vocab = _load_teacher(recipe, teacher_src, teacher_tok, tokenizer, student_rows=student_rows,
-                                   examples=train_set + val_set, default_device=accelerator.device)
-    if cfg.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    student.config.use_cache = False
+    tokenizers = tokenizers_stage(recipe, terms)
+    train_set, val_set, report = data_stage(recipe, tokenizers.student, terms, main=main)
+    models = models_stage(recipe, tokenizers, train_set + val_set, device=accelerator.device)
 
     # every input is checked: only now is the output folder touched (a failed start leaves it as it was)
     if main:
@@ -128,31 +109,39 @@ def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[
         atomic_write_text(out / "data_report.json", _json(report.__dict__))
     accelerator.wait_for_everyone()
 
-    # 4. optimisation
-    module = DistillationModule(student, terms, vocab, fused=recipe.loss.fused, chunk_bytes=recipe.loss.chunk_mb * 2**20)
-    optimizer = torch.optim.AdamW(_param_groups(student, cfg.weight_decay), lr=cfg.learning_rate,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2))
-    from transformers import get_scheduler
-
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
-    collator = Collator(tokenizer.pad_token_id)
+    module, optimizer, scheduler = objective_stage(recipe, models, terms)
+    collator = Collator(tokenizers.student.pad_token_id)
     if recipe.data.packing:
         pack_length = recipe.data.pack_length or recipe.data.max_length
         train_set, val_set = pack_examples(train_set, pack_length), pack_examples(val_set, pack_length)
         if main:
             print(f"kdlm: packed into {len(train_set)} train / {len(val_set)} validation rows of <= {pack_length} tokens")
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, collate_fn=collator,
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, collate_fn=list,
                         num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
     module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
 
-    # 5. resume
+    def run_validation(examples=None) -> dict:
+        return validate(accelerator.unwrap_model(module).student, models.teacher,
+                        val_set if examples is None else examples, collator=collator, batch_size=cfg.batch_size,
+                        vocab=models.vocab, accelerator=accelerator, max_batches=cfg.eval_batches,
+                        chunk_bytes=recipe.loss.chunk_mb * 2**20)
+
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "tokens": 0}
+    schedules, domain_weights = schedules_stage(recipe, terms, val_set, run_validation, accelerator)
+    source = source_stage(recipe, train_set, loader, state, collator, module, models, tokenizers, terms,
+                          domain_weights, accelerator)
+
+    # resume: model, optimizer, scheduler, RNG (accelerate), data position, source and schedule state
     ckpt_root = out / "checkpoints"
     if resume:
         ckpt = latest_checkpoint(ckpt_root)
         if ckpt is None:
             raise OutputError(f"{out}: --resume given but there is no complete checkpoint in {ckpt_root}")
-        state = load_checkpoint(accelerator, ckpt)
+        state.update(load_checkpoint(accelerator, ckpt))
+        source.load_state_dict(state.get("source") or {})
+        source.load_rank_state(load_rank_state(accelerator, ckpt))
+        for hook in schedules:
+            hook.load_state_dict((state.get("schedules") or {}).get(hook.name) or hook.state_dict())
         if main:
             print(f"kdlm: resumed from {ckpt} at step {state['step']}", flush=True)
     if cfg.report_to:
@@ -160,107 +149,152 @@ def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[
                                   config=_flat(to_dict(recipe)),
                                   init_kwargs={"wandb": {"project": cfg.wandb_project}} if cfg.wandb_project else {})
     metrics = MetricsLog(accelerator, out / "metrics.jsonl")
-
-    def run_validation() -> dict:
-        return validate(accelerator.unwrap_model(module).student, teacher, val_set, collator=collator,
-                        batch_size=cfg.batch_size, vocab=vocab, accelerator=accelerator, max_batches=cfg.eval_batches,
-                        chunk_bytes=recipe.loss.chunk_mb * 2**20)
-
     before = state.get("before") or (run_validation() if val_set else {})
     state["before"] = before
     if main and before and state["step"] == 0:
         metrics.log({f"val/{k}": v for k, v in before.items()}, step=0)
-    history: list[dict] = []
 
-    # 6. the loop
-    batches = _batches(loader, state)
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not (main and show_progress), desc="distill",
-               unit="step", dynamic_ncols=True)
-    module.train()
-    # metrics are averaged over the logging window; kept as tensors so a step never waits on the host
-    window_sums = torch.zeros(len(terms), dtype=torch.float64, device=accelerator.device)
-    window_count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    window_start = time.perf_counter()
-    while state["step"] < cfg.max_steps:
-        micro = [next(batches) for _ in range(cfg.grad_accum)]
-        term_totals, global_count, _ = accumulate_gradients(module, teacher, micro, terms, accelerator)
-        grad_norm = accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        window_sums += torch.stack([term_totals[t.label] for t in terms]).double()
-        window_count += global_count
+    loop = Loop(accelerator=accelerator, module=module, teacher=models.teacher, optimizer=optimizer,
+                scheduler=scheduler, source=source, schedules=schedules, validate=run_validation, metrics=metrics,
+                cfg=cfg, ckpt_root=ckpt_root, has_validation=bool(val_set))
+    run_loop(loop, state, on_step=on_step, show_progress=show_progress)
 
-        if state["step"] % cfg.log_every == 0 or state["step"] == cfg.max_steps:
-            sums = accelerator.reduce(window_sums, reduction="sum").tolist()  # this process's sums -> all processes'
-            count = max(window_count.item(), 1.0)
-            record = {f"loss/{t.label}": sums[k] / count for k, t in enumerate(terms)}
-            record["loss/total"] = sum(t.weight * record[f"loss/{t.label}"] for t in terms)
-            elapsed = time.perf_counter() - window_start
-            record.update({"lr": scheduler.get_last_lr()[0], "tokens_per_s": count / max(elapsed, 1e-9),
-                           "counted_tokens": int(count)})
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
-            state["tokens"] += int(count)
-            window_sums.zero_()
-            window_count.zero_()
-            window_start = time.perf_counter()
-            metrics.log(record, step=state["step"])
-            history.append({"step": state["step"], **record})
-            bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in record.items() if k.startswith("loss/")}
-                            | {"tok/s": f"{record['tokens_per_s']:.0f}"})
-        bar.update(1)
-        if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < cfg.max_steps and val_set:
-            figures = run_validation()
-            metrics.log({f"val/{k}": v for k, v in figures.items()}, step=state["step"])
-        if (cfg.save_every and state["step"] % cfg.save_every == 0) or state["step"] == cfg.max_steps:
-            save_checkpoint(accelerator, ckpt_root, state["step"], state, cfg.keep_checkpoints)
-        if on_step is not None:
-            on_step(state["step"])
-    bar.close()
-
-    # 7. final validation and export
     after = run_validation() if val_set else {}
     model_dir = out / "model"
     if after:
         metrics.log({f"val/{k}": v for k, v in after.items()}, step=state["step"])
     if main:
-        card = model_card(recipe, steps=state["step"], student_init=student_init, data_summary=report.summary(),
+        card = model_card(recipe, steps=state["step"], student_init=models.student_init, data_summary=report.summary(),
                           before=before, after=after) if after else f"# Distilled student\n\nTeacher: {recipe.teacher.model}\n"
-        save_student_folder(accelerator.unwrap_model(module).student, tokenizer, model_dir, card)
+        save_student_folder(accelerator.unwrap_model(module).student, tokenizers.student, model_dir, card)
         atomic_write_text(out / "final_metrics.json", _json({"steps": state["step"], "before": before, "after": after,
                                                              "memory": peak_memory_mb()}))
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return RunResult(out, model_dir, state["step"], before, after, report, history)
+    return RunResult(out, model_dir, state["step"], before, after, report, loop.history)
 
 
-def accumulate_gradients(module, teacher: Optional[Union[Teacher, CachedTeacher]], micro: list[dict], terms, accelerator):
-    """Forward and backward over one optimizer step's micro-batches; gradients are left in the parameters.
+# ----------------------------------------------------------------------------- the stages
 
-    The loss of every micro-batch is divided by the GLOBAL count of scored tokens in the step (all
-    micro-batches, all processes), so accumulation and data parallelism give the gradient of
-    sum(weighted term sums) / global count, exactly as one big batch would. Returns
-    (per-term sums on this process, global count, local count), the counts as tensors (no host sync).
-    """
-    local = torch.stack([counted_positions(mb["labels"])[0].sum() for mb in micro]).sum()
-    global_count = accelerator.reduce(local.clone(), reduction="sum").clamp(min=1)  # one collective per step
-    term_totals: dict[str, torch.Tensor] = {}
-    for i, mb in enumerate(micro):
-        # skip DDP's gradient all-reduce until the last micro-batch
-        sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(module)
-        with sync:
-            with teacher_autocast(accelerator):
-                signal = teacher_signal(teacher, mb) if teacher is not None else None
-            with accelerator.autocast():
-                sums = module(labels=mb["labels"], teacher=signal, **model_inputs(mb), **loss_inputs(mb))
-            # DDP averages gradients over processes, so scale by world size: the result is sum / global count
-            loss = sums[TOTAL_KEY] * accelerator.num_processes / global_count
-            accelerator.backward(loss)
-        for term in terms:
-            term_totals[term.label] = term_totals.get(term.label, 0) + sums[term.label]
-    return term_totals, global_count, local
+
+def tokenizers_stage(recipe: Recipe, terms: list[Term]) -> Tokenizers:
+    """Tokenizers first (cheap): refuse incompatible vocabularies before loading weights. A run none of whose
+    parts needs the teacher (ce / redi terms on fixed data) never touches it."""
+    student_src = resolve_source(recipe.student.model, recipe.student.gguf_file, recipe.student.revision)
+    tokenizer = load_tokenizer(student_src, trust_remote_code=recipe.student.trust_remote_code)
+    if not needs_teacher(recipe, terms):
+        return Tokenizers(student_src, tokenizer, None, None)
+    teacher_src = resolve_source(recipe.teacher.model, recipe.teacher.gguf_file, recipe.teacher.revision)
+    teacher_tok = load_tokenizer(teacher_src, trust_remote_code=recipe.teacher.trust_remote_code)
+    if teacher_tok.get_vocab() != tokenizer.get_vocab():
+        shared_vocab_size(teacher_tok, tokenizer, 0, 0)  # raises with the differing tokens named
+    return Tokenizers(student_src, tokenizer, teacher_src, teacher_tok)
+
+
+def needs_teacher(recipe: Recipe, terms: list[Term]) -> bool:
+    """A divergence term, teacher samples, teacher-mixed sampling, pg's rewards or DDK's teacher CE."""
+    src, kind = recipe.source, recipe.source.kind
+    return (any(t.needs_teacher for t in terms) or kind == "teacher" or (kind == "mixed" and src.off_policy == "teacher")
+            or recipe.sampling.teacher_mix > 0 or any(t.name == "pg" for t in terms) or recipe.schedule.ddk_every > 0)
+
+
+def data_stage(recipe: Recipe, tokenizer, terms: list[Term], *, main: bool):
+    """Encoded examples, with the checks that need them: negatives need redi; sampled sources need prompts that
+    leave room for max_new_tokens; DDK needs every domain in validation."""
+    train_set, val_set, report = prepare_data(recipe.data, tokenizer, seed=recipe.train.seed)
+    if report.negative_examples and not any(t.name == "redi" for t in terms):
+        raise ConfigError(f"data.negative_field marks {report.negative_examples} negative rows but no loss term "
+                          f"uses them; add {{name: redi}} to loss.terms")
+    if recipe.source.kind in SAMPLED_SOURCES:
+        check_prompts(train_set, max_new_tokens=recipe.sampling.max_new_tokens, max_length=recipe.data.max_length)
+    if recipe.schedule.ddk_every:
+        missing = sorted({ex.domain for ex in train_set} - {ex.domain for ex in val_set})
+        if missing:
+            raise DataError(f"schedule.ddk_every: DDK compares per-domain validation CE, but domain(s) "
+                            f"{', '.join(missing)} have no validation rows; raise data.validation_fraction")
+    if main:
+        print(f"kdlm: data: {report.summary()}", flush=True)
+    return train_set, val_set, report
+
+
+def models_stage(recipe: Recipe, tokenizers: Tokenizers, examples: list, *, device) -> Models:
+    """The student (optionally a layer subset) and the teacher signal (live model, offline cache, or none)."""
+    student_device = resolve_device(recipe.student.device, device)
+    student = load_model(tokenizers.student_src, dtype=resolve_dtype(recipe.student.dtype, student_device, trainable=True),
+                         device=student_device, trust_remote_code=recipe.student.trust_remote_code)
+    student_init = f"`{recipe.student.model}` ({parameter_count(student) / 1e6:.1f}M parameters)"
+    if recipe.student.keep_layers is not None:
+        kept = keep_layers(student, recipe.student.keep_layers)
+        student_init = f"layers {kept} of `{recipe.student.model}` ({parameter_count(student) / 1e6:.1f}M parameters)"
+    student_rows = student.get_output_embeddings().weight.shape[0]
+    teacher, vocab = _load_teacher(recipe, tokenizers.teacher_src, tokenizers.teacher, tokenizers.student,
+                                   student_rows=student_rows, examples=examples, default_device=device)
+    if recipe.train.gradient_checkpointing:  # the sampler runs the student in eval mode, so its KV cache stays on
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student.config.use_cache = False
+    return Models(student, student_init, teacher, vocab)
+
+
+def objective_stage(recipe: Recipe, models: Models, terms: list[Term]):
+    """The student and the objective in one module, AdamW over it, and the LR schedule."""
+    from transformers import get_scheduler
+
+    cfg = recipe.train
+    module = DistillationModule(models.student, terms, models.vocab, fused=recipe.loss.fused,
+                                chunk_bytes=recipe.loss.chunk_mb * 2**20, pg_clip=recipe.loss.pg_clip,
+                                pg_length_normalise=recipe.loss.pg_length_normalise)
+    optimizer = torch.optim.AdamW(_param_groups(models.student, cfg.weight_decay), lr=cfg.learning_rate,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2))
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=cfg.max_steps)
+    return module, optimizer, scheduler
+
+
+def source_stage(recipe: Recipe, train_set: list, loader, state: dict, collator: Collator, module, models: Models,
+                 tokenizers: Tokenizers, terms: list[Term], domain_weights: Optional[DomainWeights], accelerator):
+    """The batch source over an example stream (the shuffled dataset, or DDK's domain-weighted draw)."""
+    cfg = recipe.train
+    if domain_weights is not None:
+        rank, world = accelerator.process_index, accelerator.num_processes
+        stream = DomainStream(train_set[rank::world], batch_size=cfg.batch_size, weights=domain_weights,
+                              seed=cfg.seed, rank=rank)
+    else:
+        stream = LoaderStream(loader, state)
+    if recipe.source.kind == "static":
+        return StaticSource(stream, collate=collator, grad_accum=cfg.grad_accum, device=accelerator.device)
+    teacher = models.teacher.model if isinstance(models.teacher, Teacher) else None
+    sampler_models = SamplerModels(student=lambda: accelerator.unwrap_model(module).student, teacher=teacher,
+                                   vocab=models.vocab, stop_ids=stop_ids_of(tokenizers.student, models.student, teacher),
+                                   pad_id=tokenizers.student.pad_token_id, autocast=lambda: teacher_autocast(accelerator))
+    record = any(t.name == "pg" for t in terms) or recipe.sampling.teacher_mix > 0
+    return SampledSource(recipe.source, recipe.sampling, stream=stream, collate=collator, grad_accum=cfg.grad_accum,
+                         models=sampler_models, record_logprobs=record, seed=cfg.seed, accelerator=accelerator)
+
+
+def schedules_stage(recipe: Recipe, terms: list[Term], val_set: list, run_validation, accelerator):
+    """TAID's t (when a taid term is present) and DDK's domain weights (schedule.ddk_every > 0)."""
+    hooks, weights = [], None
+    if any(t.name == "taid" for t in terms):
+        hooks.append(TaidHook(recipe.schedule, total_steps=recipe.train.max_steps, accelerator=accelerator))
+    if recipe.schedule.ddk_every:
+        sc = recipe.schedule
+        weights = DomainWeights(sorted({ex.domain for ex in val_set}), smoothing=sc.ddk_smoothing, uniform=sc.ddk_uniform)
+        by_domain = {d: [ex for ex in val_set if ex.domain == d] for d in weights.domains}
+        hooks.append(DdkHook(sc, weights, per_domain_validation=lambda d: run_validation(by_domain[d])))
+    return hooks, weights
+
+
+def _accelerator(recipe: Recipe, out: Path):
+    """accelerate keeps process-wide singletons; a second run in the same Python process (the API, tests,
+    notebooks) may want another precision. The process group (PartialState) is kept."""
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    return Accelerator(mixed_precision=_mixed_precision(recipe.train.mixed_precision),
+                       log_with=list(recipe.train.report_to) or None, project_dir=str(out),
+                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
 
 
 def _load_teacher(recipe: Recipe, source, teacher_tokenizer, tokenizer, *, student_rows: int, examples: list,
@@ -279,21 +313,6 @@ def _load_teacher(recipe: Recipe, source, teacher_tokenizer, tokenizer, *, stude
                        trust_remote_code=recipe.teacher.trust_remote_code, frozen=True)
     vocab = shared_vocab_size(teacher_tokenizer, tokenizer, model.get_output_embeddings().weight.shape[0], student_rows)
     return Teacher(model, vocab), vocab
-
-
-def _batches(loader: DataLoader, state: dict) -> Iterator[dict]:
-    """Endless batches; `state` records (epoch, batches_in_epoch) so a resume restarts at the same batch."""
-    from accelerate import skip_first_batches
-
-    while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(state["epoch"])
-        it = skip_first_batches(loader, state["batches_in_epoch"]) if state["batches_in_epoch"] else loader
-        for batch in it:
-            state["batches_in_epoch"] += 1
-            yield batch
-        state["epoch"] += 1
-        state["batches_in_epoch"] = 0
 
 
 def _check_output_dir(out: Path, recipe: Recipe, resume: bool) -> bool:

@@ -23,12 +23,8 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on shared cores: one intra-op thread is ~50x faster than two contending ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -440,7 +440,7 @@ def test_term_names_match_divergence_registry():
     from kdlm.losses import DIVERGENCE_KINDS
     from kdlm.losses.objective import STUDENT_TERMS
 
-    assert schema.STUDENT_TERM_NAMES == STUDENT_TERMS == ("ce", "redi")
+    assert schema.STUDENT_TERM_NAMES == STUDENT_TERMS == ("ce", "redi", "pg")
     assert schema.TERM_NAMES[: len(STUDENT_TERMS)] == STUDENT_TERMS
     assert set(schema.TERM_NAMES[len(STUDENT_TERMS):]) == set(DIVERGENCE_KINDS)
     assert len(schema.TERM_NAMES) == len(set(schema.TERM_NAMES))

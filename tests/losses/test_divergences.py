@@ -16,7 +16,10 @@ import torch
 from kdlm.losses import DIVERGENCE_KINDS, divergence, get_divergence, per_position_divergence, register_divergence
 from kdlm.losses import divergences as divergences_module
 
-KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
+KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl", "taid")
+# taid's gradient goes through log p_S only (its target p_t is detached by design), so it is not the
+# derivative of its value: finite-difference checks do not apply (its gradient is tested in test_taid.py)
+DIFFERENTIABLE_KINDS = tuple(kind for kind in KINDS if kind != "taid")
 GOLDEN_PATH = Path(__file__).with_name("golden_divergences.json")
 
 
@@ -52,6 +55,13 @@ def ref_per_position(s, t, kind, temperature=1.0, beta=0.5, skew=0.1):
         return _kl(p_t, skew * p_t + (1 - skew) * p_s)
     if kind == "skew_reverse_kl":
         return _kl(p_s, skew * p_s + (1 - skew) * p_t)
+    if kind == "taid":  # p_target = normalised p_S^(1-beta) * p_T^beta (the endpoints are exact: no 0 * log 0)
+        if beta == 0:
+            return _kl(p_s, p_s)
+        if beta == 1:
+            return _kl(p_t, p_s)
+        mixed = p_s ** (1 - beta) * p_t**beta
+        return _kl(mixed / mixed.sum(-1, keepdim=True), p_s)
     raise AssertionError(kind)
 
 
@@ -184,7 +194,7 @@ def test_forward_kl_is_not_cross_entropy():
 # ----------------------------------------------------------------------------- gradients
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", DIFFERENTIABLE_KINDS)
 def test_gradcheck(kind):
     s, t = _pair(2, 3, 5, seed=12)
     s.requires_grad_(True)
@@ -240,10 +250,13 @@ def test_extreme_logits_finite(kind):
     out = divergence(s, t, kind)
     out.backward()
     assert torch.isfinite(out) and torch.isfinite(s.grad).all()
-    if kind in ("forward_kl", "reverse_kl"):
+    if kind in ("forward_kl", "reverse_kl", "taid"):
         # probabilities underflow even in fp64 here: the reference KL is taken from log-probs
         log_p_s, log_p_t = torch.log_softmax(s.detach().double(), -1), torch.log_softmax(t.double(), -1)
         p, log_p, log_q = (log_p_t, log_p_t, log_p_s) if kind == "forward_kl" else (log_p_s, log_p_s, log_p_t)
+        if kind == "taid":  # target softmax(0.5 log p_S + 0.5 log p_T) at the default beta
+            log_m = torch.log_softmax(0.5 * log_p_s + 0.5 * log_p_t, -1)
+            p, log_p, log_q = log_m, log_m, log_p_s
         want = (p.exp() * (log_p - log_q)).nan_to_num(0.0).sum(-1).mean()
         assert want > 1e3  # the regime really is extreme
     else:

@@ -17,12 +17,8 @@ N, V = 12, 40
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors on shared cores: one intra-op thread avoids contention between workers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 def _logits(seed: int, scale: float = 3.0, dtype=torch.float32) -> torch.Tensor:

@@ -36,3 +36,23 @@ def test_two_process_accelerate_launch(recipe_file, tmp_path):
     assert [r["val/tokens"] for r in validations] == [expected, expected]
     assert (run / "model" / "model.safetensors").is_file()
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-000006"
+
+
+@pytest.mark.slow
+def test_on_off_policy_choices_agree_across_two_processes(recipe_file, tmp_path):
+    """GKD at lambda 0.5 under `accelerate launch` with 2 processes: each step's kind is drawn once on the main
+    process and broadcast, so the fraction of (process-)steps on student samples, summed over both processes,
+    is 1 or 0 at every step, never 0.5 (TRL draws it per rank, PEERS.md #14)."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kdlm", "distill", str(recipe_file), "--no-progress",
+           "--set", "source.kind=mixed", "--set", "source.lmbda=0.5", "--set", "sampling.max_new_tokens=8",
+           "--set", "train.max_steps=8", "--set", "train.save_every=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if "loss/total" in r]
+    fractions = [r.get("source/student_fraction", 0.0) for r in rows]
+    assert len(rows) == 8 and set(fractions) == {0.0, 1.0}
+    for r, f in zip(rows, fractions):
+        assert f + r.get("source/data_fraction", 0.0) == 1.0
