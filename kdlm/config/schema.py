@@ -250,6 +250,9 @@ class TrainConfig:
     """Optimisation, precision, checkpoints, validation and logging."""
 
     max_steps: int = opt(1000, "Optimizer steps to run.", ge=1)
+    max_seconds: Optional[float] = opt(None, "Stop after the first optimizer step that ends this many seconds into "
+                                       "the loop (a wall-clock budget, e.g. to compare methods at equal cost); the "
+                                       "LR schedule still spans max_steps. null: no budget.", gt=0.0)
     batch_size: int = opt(8, "Examples per micro-batch per process.", ge=1)
     grad_accum: int = opt(1, "Micro-batches per optimizer step. The loss is normalised by the global count of counted tokens.", ge=1)
     learning_rate: float = opt(5e-5, "AdamW peak learning rate.", gt=0.0)

@@ -59,6 +59,7 @@ def run_loop(loop: Loop, state: dict, *, on_step: Optional[Callable[[int], None]
                desc="distill", unit="step", dynamic_ncols=True)
     loop.module.train()
     window = _Window(len(unwrapped.terms), acc.device)
+    started = time.perf_counter()
     while state["step"] < cfg.max_steps:
         for hook in loop.schedules:
             unwrapped.terms = hook.terms(unwrapped.terms)
@@ -75,7 +76,10 @@ def run_loop(loop: Loop, state: dict, *, on_step: Optional[Callable[[int], None]
             extra.update(hook.after_step(state["step"], term_totals, global_count, terms))
         window.add(torch.stack([term_totals[t.label] for t in terms]).double(), global_count, extra)
 
-        if state["step"] % cfg.log_every == 0 or state["step"] == cfg.max_steps:
+        # a wall-clock budget ends the run like max_steps does; the clock is the main process's, broadcast
+        out_of_time = cfg.max_seconds is not None and _budget_spent(acc, started, cfg.max_seconds)
+        last = state["step"] == cfg.max_steps or out_of_time
+        if state["step"] % cfg.log_every == 0 or last:
             record = window.record(acc, terms, lr=loop.scheduler.get_last_lr()[0])
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
@@ -90,14 +94,26 @@ def run_loop(loop: Loop, state: dict, *, on_step: Optional[Callable[[int], None]
             record = {f"val/{k}": v for k, v in figures.items()}
             record.update(loop.source.observe_validation(figures))
             loop.metrics.log(record, step=state["step"])
-        if (cfg.save_every and state["step"] % cfg.save_every == 0) or state["step"] == cfg.max_steps:
+        if (cfg.save_every and state["step"] % cfg.save_every == 0) or last:
             state["source"] = loop.source.state_dict()
             state["schedules"] = {hook.name: hook.state_dict() for hook in loop.schedules}
             save_checkpoint(acc, loop.ckpt_root, state["step"], state, cfg.keep_checkpoints,
                             rank_state=loop.source.rank_state())
         if on_step is not None:
             on_step(state["step"])
+        if out_of_time:
+            break
     bar.close()
+
+
+def _budget_spent(accelerator, started: float, budget: float) -> bool:
+    """Whether the loop has run `budget` seconds, decided on the main process so that every rank stops together."""
+    flag = torch.tensor([float(time.perf_counter() - started >= budget)], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        flag = broadcast(flag, from_process=0)
+    return bool(flag.item())
 
 
 def accumulate_gradients(module, teacher, micro: list[dict], terms, accelerator):

@@ -49,7 +49,7 @@ from kdlm.training.validate import validate
 log = logging.getLogger(__name__)
 
 # Changing these between a run and its resume is fine; anything else must match the checkpointed recipe.
-RESUMABLE_CHANGES = {"train.max_steps", "train.save_every", "train.eval_every", "train.log_every", "train.eval_batches",
+RESUMABLE_CHANGES = {"train.max_steps", "train.max_seconds", "train.save_every", "train.eval_every", "train.log_every", "train.eval_batches",
                      "train.report_to", "train.wandb_project", "train.num_workers"}
 
 

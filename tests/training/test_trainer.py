@@ -110,3 +110,11 @@ def test_data_report_is_written(recipe_file):
     result = distill(load_recipe(recipe_file, ["train.max_steps=1"]), show_progress=False)
     report = json.loads((result.output_dir / "data_report.json").read_text())
     assert report["train_examples"] == 32 and report["validation_examples"] == 8
+
+
+def test_a_wall_clock_budget_stops_the_run_after_the_step_that_spends_it(recipe_file):
+    result = distill(load_recipe(recipe_file, ["train.max_seconds=0.001"]), show_progress=False)
+    assert result.steps == 1  # the first step already takes longer than a millisecond
+    assert latest_checkpoint(result.output_dir / "checkpoints").name == "step-000001"
+    assert json.loads((result.output_dir / "final_metrics.json").read_text())["steps"] == 1
+    assert [r["step"] for r in read_metrics(result.output_dir / "metrics.jsonl") if "loss/total" in r] == [1]

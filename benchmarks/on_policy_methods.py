@@ -1,0 +1,172 @@
+"""Off-policy forward KL, GKD, MiniLLM and TAID side by side at an equal wall-clock budget (CPU, bundled teacher).
+
+    python benchmarks/on_policy_methods.py                    # 4 methods x 240 s, then kdlm eval on 64 SelfInst items
+    python benchmarks/on_policy_methods.py --budget 30 --eval-limit 8   # smoke test (figures not representative)
+    python benchmarks/on_policy_methods.py --json             # the same, the results object as the last stdout line
+
+Teacher: the bundled SmolLM2-135M-Instruct. Student: 10 of its 30 layers (the quickstart's initialisation), fresh
+for every method. Data: the quickstart's 360 project-written instructions with the teacher's greedy answers
+(`kdlm.quickstart.run.teacher_answers`, cached), 10% held out; every method reads the same prompts, and the
+on-policy ones sample their own completions for them. Every method: batch 8, AdamW lr 3e-4 constant after 5 warmup
+steps, bf16 autocast where the CPU has it, stopped by train.max_seconds = --budget (the step that crosses it is
+the last), so each gets the same wall time whatever its cost per step.
+
+    off_policy_fkl  source static,  forward_kl                       (token-level KD on the teacher's answers)
+    gkd             source mixed,   lmbda 0.5, jsd beta 0.5, sampling temperature 0.9 (TRL GKDTrainer's defaults)
+    minillm         source student, teacher_mix 0.2, reverse_kl + pg (clip 0.2, length-normalised) on samples,
+                    ce on the dataset's answers (weight 0.5: MiniLLM's lm term, source.data_rows)
+    taid            source static,  taid (t from 0.4, alpha 5e-4, momentum 0.99)
+
+Reported per method: steps done in the budget, held-out CE and KL to the teacher (kdlm's validation at the end,
+the teacher's answers of the 36 held-out prompts), and SelfInst ROUGE-L from `kdlm eval` on the first
+--eval-limit items of ../shared/data (greedy), with retention against the teacher's own score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, machine_info, utc_now, versions  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+DATA_DIR = REPO.parent / "shared" / "data"
+TEACHER = "smollm2-135m-instruct"
+
+BASE = {
+    "teacher": {"model": TEACHER},
+    "student": {"model": TEACHER, "keep_layers": 10},
+    "data": {"format": "messages", "max_length": 256, "validation_fraction": 0.1},
+    "sampling": {"max_new_tokens": 64},
+    "train": {"max_steps": 10_000, "batch_size": 8, "learning_rate": 3e-4, "lr_scheduler": "constant_with_warmup",
+              "warmup_steps": 5, "log_every": 1, "save_every": 0, "report_to": [], "mixed_precision": "auto"},
+}
+METHODS = {
+    "off_policy_fkl": {"loss": {"terms": [{"name": "forward_kl"}]}},
+    "gkd": {"source": {"kind": "mixed", "lmbda": 0.5}, "sampling": {"max_new_tokens": 64, "temperature": 0.9},
+            "loss": {"terms": [{"name": "jsd", "beta": 0.5}]}},
+    "minillm": {"source": {"kind": "student", "data_rows": True},
+                "sampling": {"max_new_tokens": 64, "temperature": 1.0, "teacher_mix": 0.2},
+                "loss": {"pg_clip": 0.2, "pg_length_normalise": True,
+                         "terms": [{"name": "reverse_kl", "rows": "samples"}, {"name": "pg", "rows": "samples"},
+                                   {"name": "ce", "rows": "data", "weight": 0.5}]}},
+    "taid": {"loss": {"terms": [{"name": "taid"}]}},
+}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = json.loads(json.dumps(base))
+    for section, values in extra.items():
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+def train(method: str, data: Path, workdir: Path, budget: float) -> dict:
+    """One method, in this process; returns its run figures."""
+    from kdlm.config import Recipe, from_dict
+    from kdlm.training import distill
+
+    raw = _merge(BASE, METHODS[method])
+    raw["data"]["train"] = str(data)
+    raw["train"]["max_seconds"] = budget
+    raw["output"] = {"dir": str(workdir / method), "overwrite": True}
+    start = time.perf_counter()
+    result = distill(from_dict(Recipe, raw), show_progress=False)
+    wall = time.perf_counter() - start
+    history = result.history
+    gen = sum(r.get("gen/seconds", 0.0) for r in history)
+    train_s = sum(r.get("time/step_s", 0.0) for r in history)
+    return {"method": method, "steps": result.steps, "train_wall_s": wall, "loop_s": train_s,
+            "generation_share": gen / train_s if train_s else 0.0,
+            "counted_tokens": sum(r["counted_tokens"] for r in history),
+            "val_ce_before": result.before.get("ce"), "val_kl_before": result.before.get("kl_to_teacher"),
+            "val_ce": result.after.get("ce"), "val_kl_to_teacher": result.after.get("kl_to_teacher"),
+            "val_top1_agreement": result.after.get("top1_agreement"), "teacher_ce": result.after.get("teacher_ce"),
+            "final_t": history[-1].get("taid/t") if history else None, "model": str(result.model_dir),
+            "recipe": raw}
+
+
+def evaluate(models: dict[str, str], out: Path, limit: int) -> dict:
+    """kdlm eval on SelfInst: the teacher first (the reference for retention), then every student."""
+    specs = [TEACHER] + [str(Path(m).parent) for m in models.values()]  # run folders: labelled by their names
+    cmd = [sys.executable, "-m", "kdlm", "eval", *specs, "--task", "selfinst", "--data-dir", str(DATA_DIR),
+           "--limit", str(limit), "--output", str(out), "--no-progress"]
+    subprocess.run(cmd, check=True, cwd=REPO)
+    return json.loads((out / "summary.json").read_text())
+
+
+def rouge_of(summary: dict, label: str) -> tuple:
+    """(ROUGE-L, retention %) of one model in kdlm eval's summary.json; a run folder's label is its name."""
+    rouge = summary["results"][label]["selfinst"]["rouge_l"]
+    return rouge, summary.get("retention", {}).get(label, {}).get("selfinst", {}).get("rouge_l")
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        "# On-policy methods at an equal wall-clock budget (CPU, bundled teacher)", "",
+        f"{m.get('cpu')}, {m.get('cores')} cores; {', '.join(f'{k} {v}' for k, v in report['versions'].items())}; "
+        f"{report['date']}. Budget {report['budget_s']:.0f} s of training per method; SelfInst ROUGE-L on the first "
+        f"{report['eval_limit']} items (greedy).", "",
+        "| method | steps | generation share | held-out CE | held-out KL to teacher | top-1 agreement | SelfInst ROUGE-L | retention |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["methods"]:
+        rouge = f"{r['rougeL']:.4f}" if r.get("rougeL") is not None else "n/a"
+        keep = f"{r['retention']:.1f}%" if r.get("retention") is not None else "n/a"
+        lines.append(f"| {r['method']} | {r['steps']} | {100 * r['generation_share']:.0f}% | {r['val_ce']:.3f} | "
+                     f"{r['val_kl_to_teacher']:.3f} | {r['val_top1_agreement']:.3f} | {rouge} | {keep} |")
+    t = report["teacher"]
+    lines += ["", f"Teacher: SelfInst ROUGE-L {t['rougeL']:.4f}; its CE on the held-out answers {t['teacher_ce']:.3f} "
+              f"(its own greedy answers). Student before training: CE {report['before']['ce']:.3f}, KL "
+              f"{report['before']['kl']:.3f}.", "",
+              "Held-out CE and KL are measured on the teacher's greedy answers to held-out prompts, which favours "
+              "methods trained on exactly those answers (off-policy forward KL); on-policy methods spend their budget "
+              "on their own samples. ROUGE-L scores free generation against SelfInst references. Read both."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget", type=float, default=240.0, help="training seconds per method (default 240)")
+    parser.add_argument("--eval-limit", type=int, default=64, help="SelfInst items for kdlm eval (default 64)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/kdlm-on-policy-methods"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "on_policy_methods", help="results path without suffix")
+    parser.add_argument("--json", action="store_true", help="print the results object as the last stdout line")
+    args = parser.parse_args()
+    from kdlm.quickstart.run import teacher_answers
+
+    started = time.perf_counter()
+    data = teacher_answers(show_progress=False)
+    runs = []
+    for method in args.methods.split(","):
+        print(f"[on_policy_methods] {method}: training for {args.budget:.0f} s", file=sys.stderr, flush=True)
+        runs.append(train(method, data, args.workdir, args.budget))
+    print("[on_policy_methods] kdlm eval", file=sys.stderr, flush=True)
+    summary = evaluate({r["method"]: r["model"] for r in runs}, args.workdir / "eval", args.eval_limit)
+    teacher_rouge, _ = rouge_of(summary, TEACHER)
+    for r in runs:
+        r["rougeL"], r["retention"] = rouge_of(summary, r["method"])  # the run folder is named after the method
+    report = {"date": utc_now(), "machine": machine_info(), "versions": versions("torch", "transformers", "kdlm"),
+              "budget_s": args.budget, "eval_limit": args.eval_limit, "wall_s": time.perf_counter() - started,
+              "teacher": {"rougeL": teacher_rouge, "teacher_ce": runs[0]["teacher_ce"]},
+              "before": {"ce": runs[0]["val_ce_before"], "kl": runs[0]["val_kl_before"]},
+              "methods": [{k: v for k, v in r.items() if k != "recipe"} for r in runs],
+              "recipes": {r["method"]: r["recipe"] for r in runs}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    if args.json:
+        print(json.dumps({r["method"]: {k: r[k] for k in ("steps", "val_ce", "val_kl_to_teacher", "rougeL")}
+                          for r in report["methods"]}))
+
+
+if __name__ == "__main__":
+    main()
