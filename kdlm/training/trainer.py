@@ -120,10 +120,10 @@ def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[
                         num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
     module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
 
-    def run_validation(examples=None) -> dict:
+    def run_validation(examples=None, max_batches=cfg.eval_batches) -> dict:
         return validate(accelerator.unwrap_model(module).student, models.teacher,
                         val_set if examples is None else examples, collator=collator, batch_size=cfg.batch_size,
-                        vocab=models.vocab, accelerator=accelerator, max_batches=cfg.eval_batches,
+                        vocab=models.vocab, accelerator=accelerator, max_batches=max_batches,
                         chunk_bytes=recipe.loss.chunk_mb * 2**20)
 
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "tokens": 0}
@@ -280,7 +280,8 @@ def schedules_stage(recipe: Recipe, terms: list[Term], val_set: list, run_valida
         sc = recipe.schedule
         weights = DomainWeights(sorted({ex.domain for ex in val_set}), smoothing=sc.ddk_smoothing, uniform=sc.ddk_uniform)
         by_domain = {d: [ex for ex in val_set if ex.domain == d] for d in weights.domains}
-        hooks.append(DdkHook(sc, weights, per_domain_validation=lambda d: run_validation(by_domain[d])))
+        hooks.append(DdkHook(sc, weights, per_domain_validation=lambda d: run_validation(by_domain[d],
+                                                                                         sc.ddk_eval_batches)))
     return hooks, weights
 
 
