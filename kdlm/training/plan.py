@@ -30,6 +30,7 @@ from typing import Any, Optional
 import torch
 
 from kdlm.config import Recipe
+from kdlm.config.schema import SAMPLED_SOURCES
 from kdlm.data import prepare_data
 from kdlm.data.encode import IGNORE
 from kdlm.data.packing import pack_examples
@@ -246,7 +247,12 @@ def _suggest(recipe: Recipe, plan: Plan, mem: dict[str, float], no_live_teacher:
             out.append("  cache the teacher (`kdlm cache-teacher`, teacher.source: cache): its weights are not loaded then")
     if not recipe.loss.fused:
         out.append("set loss.fused: true: the unfused loss holds ~10 [tokens, vocab] fp32 buffers")
-    if not recipe.data.packing and plan.data["mean_padded_width"] > 1.15 * plan.data["mean_tokens_per_row"]:
+    sampled = recipe.source.kind in SAMPLED_SOURCES
+    if sampled:
+        out.append(f"source.kind {recipe.source.kind} samples completions during training: the figures above model "
+                   f"the data's own completions; sampling time and its KV cache (up to "
+                   f"{recipe.sampling.max_new_tokens} new tokens per prompt) are not included")
+    if not sampled and not recipe.data.packing and plan.data["mean_padded_width"] > 1.15 * plan.data["mean_tokens_per_row"]:
         waste = 1 - plan.data["mean_tokens_per_row"] / plan.data["mean_padded_width"]
         out.append(f"set data.packing: true: about {waste:.0%} of each batch is padding")
     if not out:
