@@ -228,6 +228,13 @@ class SamplingConfig:
     batch_size: Optional[int] = opt(None, "Prompts per decode batch. null: all of a step's prompts (every "
                                     "micro-batch) in one call.", ge=1)
     bucket: bool = opt(True, "Sort a step's prompts by length before splitting them into decode batches (less padding).")
+    engine: Literal["kdlm", "vllm"] = opt(
+        "kdlm", "What samples the student's completions: kdlm (its own KV-cache loop on the training model, any "
+        "device) or vllm (a colocated vLLM engine on the GPU, weights synced in place after each optimizer step, "
+        "asleep while training; plain student samples only: no teacher_mix, no pg term).")
+    vllm_gpu_memory_utilization: float = opt(0.3, "engine vllm: share of the GPU's memory vLLM may take.", gt=0.0, lt=1.0)
+    vllm_sleep: bool = opt(True, "engine vllm: put the engine to sleep (weights offloaded, KV cache freed) while "
+                           "the student trains.")
 
 
 @dataclass
@@ -327,6 +334,9 @@ class Recipe:
         if self.source.kind == "replay" and self.train.eval_every == 0:
             raise ConfigError("source.kind: replay raises its fresh-sample probability when validation CE worsens; "
                               "set train.eval_every > 0")
+        if self.sampling.engine == "vllm" and (self.sampling.teacher_mix > 0 or "pg" in names):
+            raise ConfigError("sampling.engine: vllm samples plain student completions; teacher_mix and the pg term "
+                              "need both models' distributions at every step: use sampling.engine: kdlm")
         if self.sampling.teacher_mix > 0 and self.source.kind not in ("student", "mixed", "replay"):
             raise ConfigError(f"sampling.teacher_mix mixes the teacher into STUDENT samples; source.kind "
                               f"{self.source.kind} samples none")

@@ -144,6 +144,7 @@ class SamplerModels:
     stop_ids: tuple[int, ...]
     pad_id: int
     autocast: Optional[Callable[[], Any]] = None
+    vllm: Optional[Any] = None  # a VllmSampler for the student's samples (sampling.engine: vllm), else kdlm's loop
 
 
 class SampledSource:
@@ -209,13 +210,18 @@ class SampledSource:
         student = m.student() if kind == "student" else None
         teacher = m.teacher if (kind == "teacher" or self.record_logprobs or self.settings.teacher_mix > 0) else None
         settings = self.settings if kind == "student" else _without_mix(self.settings)
-        # on the accelerator's device, where the sampler draws (no [B, V] copy to the host per token)
-        g = torch.Generator(device=self.accelerator.device).manual_seed(
-            _seed(self.seed, step, self.accelerator.process_index, 3))
-        out = sample_completions(
-            prompts=[ex.input_ids[: ex.prompt_length] for ex in flat], settings=settings, stop_ids=m.stop_ids,
-            pad_id=m.pad_id, generator=g, vocab=m.vocab, student=student, teacher=teacher, sample_from=kind,
-            record_logprobs=self.record_logprobs and student is not None, autocast=m.autocast)
+        prompts = [ex.input_ids[: ex.prompt_length] for ex in flat]
+        seed = _seed(self.seed, step, self.accelerator.process_index, 3)
+        if kind == "student" and m.vllm is not None:  # `step` optimizer steps done: the engine syncs if behind
+            out = m.vllm.sample(student, step, prompts=prompts, settings=settings, stop_ids=m.stop_ids,
+                                seed=seed % (1 << 31))
+        else:
+            # on the accelerator's device, where the sampler draws (no [B, V] copy to the host per token)
+            g = torch.Generator(device=self.accelerator.device).manual_seed(seed)
+            out = sample_completions(
+                prompts=prompts, settings=settings, stop_ids=m.stop_ids, pad_id=m.pad_id, generator=g,
+                vocab=m.vocab, student=student, teacher=teacher, sample_from=kind,
+                record_logprobs=self.record_logprobs and student is not None, autocast=m.autocast)
         sampled = [_with_completion(ex, out, i, step) for i, ex in enumerate(flat)]
         n = len(flat)
         metrics.update({"gen/seconds": out.seconds, "gen/new_tokens": float(out.new_tokens),

@@ -96,6 +96,8 @@ def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[
     main = accelerator.is_main_process
 
     terms = resolve_terms(recipe.loss)
+    if recipe.sampling.engine == "vllm" and recipe.source.kind in SAMPLED_SOURCES and not torch.cuda.is_available():
+        raise ModelError("sampling.engine: vllm runs on a CUDA GPU and none is visible; use sampling.engine: kdlm")
     tokenizers = tokenizers_stage(recipe, terms)
     train_set, val_set, report = data_stage(recipe, tokenizers.student, terms, main=main)
     models = models_stage(recipe, tokenizers, train_set + val_set, device=accelerator.device)
@@ -266,6 +268,13 @@ def source_stage(recipe: Recipe, train_set: list, loader, state: dict, collator:
     sampler_models = SamplerModels(student=lambda: accelerator.unwrap_model(module).student, teacher=teacher,
                                    vocab=models.vocab, stop_ids=stop_ids_of(tokenizers.student, models.student, teacher),
                                    pad_id=tokenizers.student.pad_token_id, autocast=lambda: teacher_autocast(accelerator))
+    if recipe.sampling.engine == "vllm":
+        from kdlm.training.vllm_sampler import VllmSampler
+
+        sampler_models.vllm = VllmSampler(
+            models.student, tokenizers.student, folder=Path(recipe.output.dir) / "vllm-student",
+            gpu_memory_utilization=recipe.sampling.vllm_gpu_memory_utilization, sleep=recipe.sampling.vllm_sleep,
+            max_model_len=recipe.data.max_length, seed=cfg.seed)
     record = any(t.name == "pg" for t in terms) or recipe.sampling.teacher_mix > 0
     return SampledSource(recipe.source, recipe.sampling, stream=stream, collate=collator, grad_accum=cfg.grad_accum,
                          models=sampler_models, record_logprobs=record, seed=cfg.seed, accelerator=accelerator)
