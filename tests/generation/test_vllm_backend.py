@@ -13,6 +13,7 @@ import pytest
 from kdlm.config import from_dict
 from kdlm.config.generation import GenerateRecipe
 from kdlm.generation.run import Limits, generate
+from servers.fake_vllm import install
 
 
 @dataclass
@@ -42,15 +43,9 @@ class FakeEngine:
         return outs
 
 
-class FakeSamplingParams:
-    def __init__(self, **kwargs):
-        self.kwargs = kwargs
-
-
 @pytest.fixture
 def fake_vllm(monkeypatch):
-    module = types.SimpleNamespace(LLM=FakeEngine, SamplingParams=FakeSamplingParams, __version__="fake")
-    monkeypatch.setitem(sys.modules, "vllm", module)
+    module = install(monkeypatch, FakeEngine)
     FakeEngine.made, FakeEngine.calls = [], []
     return module
 

@@ -4,11 +4,12 @@ that the batch source uses it for student samples only."""
 
 from __future__ import annotations
 
-import sys
 import types
 
 import pytest
 import torch
+
+from servers.fake_vllm import install
 
 from kdlm.config import load_recipe
 from kdlm.errors import ConfigError, ModelError
@@ -53,15 +54,10 @@ class FakeLLM:
         return outs
 
 
-class FakeSamplingParams:
-    def __init__(self, **kwargs):
-        self.kwargs = kwargs
-
-
 @pytest.fixture
 def fake_vllm(monkeypatch):
     FakeLLM.instances = []
-    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=FakeLLM, SamplingParams=FakeSamplingParams))
+    install(monkeypatch, FakeLLM)
 
 
 @pytest.fixture
