@@ -91,6 +91,23 @@ def train(method: str, data: Path, workdir: Path, budget: float) -> dict:
             "recipe": raw}
 
 
+def reuse(method: str, workdir: Path) -> dict:
+    """A finished run's figures, read back from its folder (--reuse-runs)."""
+    run = workdir / method
+    final = json.loads((run / "final_metrics.json").read_text())
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss/total"' in line]
+    gen = sum(r.get("gen/seconds", 0.0) for r in history)
+    loop_s = sum(r.get("time/step_s", 0.0) for r in history)
+    before, after = final["before"], final["after"]
+    return {"method": method, "steps": final["steps"], "train_wall_s": None, "loop_s": loop_s,
+            "generation_share": gen / loop_s if loop_s else 0.0,
+            "counted_tokens": sum(r["counted_tokens"] for r in history),
+            "val_ce_before": before.get("ce"), "val_kl_before": before.get("kl_to_teacher"), "val_ce": after.get("ce"),
+            "val_kl_to_teacher": after.get("kl_to_teacher"), "val_top1_agreement": after.get("top1_agreement"),
+            "teacher_ce": after.get("teacher_ce"), "final_t": history[-1].get("taid/t") if history else None,
+            "model": str(run / "model"), "recipe": None}
+
+
 def evaluate(models: dict[str, str], out: Path, limit: int) -> dict:
     """kdlm eval on SelfInst: the teacher first (the reference for retention), then every student."""
     specs = [TEACHER] + [str(Path(m).parent) for m in models.values()]  # run folders: labelled by their names
@@ -128,6 +145,10 @@ def markdown(report: dict) -> str:
               "Held-out CE and KL are measured on the teacher's greedy answers to held-out prompts, which favours "
               "methods trained on exactly those answers (off-policy forward KL); on-policy methods spend their budget "
               "on their own samples. ROUGE-L scores free generation against SelfInst references. Read both."]
+    for r in report["methods"]:
+        if r.get("final_t") is not None:
+            lines += ["", f"TAID's t after the budget: {r['final_t']:.4f}. Its linear floor spans train.max_steps "
+                      f"({BASE['train']['max_steps']:,}), so within a short budget t moves by its adaptive term only."]
     return "\n".join(lines) + "\n"
 
 
@@ -139,26 +160,43 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/kdlm-on-policy-methods"))
     parser.add_argument("--out", type=Path, default=RESULTS / "on_policy_methods", help="results path without suffix")
     parser.add_argument("--json", action="store_true", help="print the results object as the last stdout line")
+    parser.add_argument("--reuse-runs", action="store_true", help="read the trained runs back from --workdir")
+    parser.add_argument("--eval-dirs", nargs="+", metavar="EVAL_DIR",
+                        help="read SelfInst scores from these kdlm eval folders instead of running kdlm eval (the "
+                             "teacher's and the students', same items and settings); retention = student / teacher")
     args = parser.parse_args()
     from kdlm.quickstart.run import teacher_answers
 
     started = time.perf_counter()
-    data = teacher_answers(show_progress=False)
     runs = []
     for method in args.methods.split(","):
+        if args.reuse_runs:
+            runs.append(reuse(method, args.workdir))
+            continue
         print(f"[on_policy_methods] {method}: training for {args.budget:.0f} s", file=sys.stderr, flush=True)
-        runs.append(train(method, data, args.workdir, args.budget))
-    print("[on_policy_methods] kdlm eval", file=sys.stderr, flush=True)
-    summary = evaluate({r["method"]: r["model"] for r in runs}, args.workdir / "eval", args.eval_limit)
-    teacher_rouge, _ = rouge_of(summary, TEACHER)
-    for r in runs:
-        r["rougeL"], r["retention"] = rouge_of(summary, r["method"])  # the run folder is named after the method
+        runs.append(train(method, teacher_answers(show_progress=False), args.workdir, args.budget))
+    if args.eval_dirs:
+        def rouge(label: str) -> float:
+            found = [Path(d) / label / "selfinst" / "metrics.json" for d in args.eval_dirs]
+            path = next(f for f in found if f.is_file())
+            return json.loads(path.read_text())["metrics"]["rouge_l"]
+
+        teacher_rouge = rouge(TEACHER)
+        for r in runs:
+            r["rougeL"] = rouge(r["method"])
+            r["retention"] = 100 * r["rougeL"] / teacher_rouge
+    else:
+        print("[on_policy_methods] kdlm eval", file=sys.stderr, flush=True)
+        summary = evaluate({r["method"]: r["model"] for r in runs}, args.workdir / "eval", args.eval_limit)
+        teacher_rouge, _ = rouge_of(summary, TEACHER)
+        for r in runs:
+            r["rougeL"], r["retention"] = rouge_of(summary, r["method"])  # the run folder is named after the method
     report = {"date": utc_now(), "machine": machine_info(), "versions": versions("torch", "transformers", "kdlm"),
               "budget_s": args.budget, "eval_limit": args.eval_limit, "wall_s": time.perf_counter() - started,
               "teacher": {"rougeL": teacher_rouge, "teacher_ce": runs[0]["teacher_ce"]},
               "before": {"ce": runs[0]["val_ce_before"], "kl": runs[0]["val_kl_before"]},
               "methods": [{k: v for k, v in r.items() if k != "recipe"} for r in runs],
-              "recipes": {r["method"]: r["recipe"] for r in runs}}
+              "recipes": {r["method"]: r["recipe"] or _merge(BASE, METHODS[r["method"]]) for r in runs}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(markdown(report))
