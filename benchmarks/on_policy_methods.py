@@ -176,15 +176,15 @@ def main() -> None:
         print(f"[on_policy_methods] {method}: training for {args.budget:.0f} s", file=sys.stderr, flush=True)
         runs.append(train(method, teacher_answers(show_progress=False), args.workdir, args.budget))
     if args.eval_dirs:
-        def rouge(label: str) -> float:
+        def rouge(label: str):  # None when no folder holds this model's scores (its eval did not finish)
             found = [Path(d) / label / "selfinst" / "metrics.json" for d in args.eval_dirs]
-            path = next(f for f in found if f.is_file())
-            return json.loads(path.read_text())["metrics"]["rouge_l"]
+            path = next((f for f in found if f.is_file()), None)
+            return json.loads(path.read_text())["metrics"]["rouge_l"] if path else None
 
         teacher_rouge = rouge(TEACHER)
         for r in runs:
             r["rougeL"] = rouge(r["method"])
-            r["retention"] = 100 * r["rougeL"] / teacher_rouge
+            r["retention"] = 100 * r["rougeL"] / teacher_rouge if r["rougeL"] is not None else None
     else:
         print("[on_policy_methods] kdlm eval", file=sys.stderr, flush=True)
         summary = evaluate({r["method"]: r["model"] for r in runs}, args.workdir / "eval", args.eval_limit)
