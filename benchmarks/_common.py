@@ -141,3 +141,10 @@ def step_flops(teacher: ModelShape, student: ModelShape, rows: int, width: int, 
 
     t, s = forward(teacher), 3 * forward(student)
     return {"teacher": t, "student": s, "total": t + s}
+
+
+def setting_line(report: dict) -> str:
+    """'CPU, N cores; versions; date.' for a results file's first paragraph (report: machine, versions, date)."""
+    m = report["machine"]
+    packages = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
+    return f"{m.get('cpu')}, {m.get('cores')} cores; {packages}; {report['date']}."

@@ -3,6 +3,9 @@
     python benchmarks/on_policy_methods.py                    # 4 methods x 240 s, then kdlm eval on 64 SelfInst items
     python benchmarks/on_policy_methods.py --budget 30 --eval-limit 8   # smoke test (figures not representative)
     python benchmarks/on_policy_methods.py --json             # the same, the results object as the last stdout line
+    python benchmarks/on_policy_methods.py --methods off_policy_fkl,fkl_hint,fkl_relation \
+        --prune-method block_influence --budget 150 --out benchmarks/results/feature_methods \
+        --title "Logit, hint and attention-relation terms at an equal wall-clock budget (CPU, bundled teacher)"
 
 Teacher: the bundled SmolLM2-135M-Instruct. Student: 10 of its 30 layers (the quickstart's initialisation), fresh
 for every method. Data: the quickstart's 360 project-written instructions with the teacher's greedy answers
@@ -16,6 +19,8 @@ the last), so each gets the same wall time whatever its cost per step.
     minillm         source student, teacher_mix 0.2, reverse_kl + pg (clip 0.2, length-normalised) on samples,
                     ce on the dataset's answers (weight 0.5: MiniLLM's lm term, source.data_rows)
     taid            source static,  taid (t from 0.4, alpha 5e-4, momentum 0.99)
+    fkl_hint        source static,  forward_kl + hint (layer map kept, normalised_mse, weight 1)
+    fkl_relation    source static,  forward_kl + attention_relation (kept, qq/kk/vv, 3 relation heads, weight 1)
 
 Reported per method: steps done in the budget, held-out CE and KL to the teacher (kdlm's validation at the end,
 the teacher's answers of the 36 held-out prompts), and SelfInst ROUGE-L from `kdlm eval` on the first
@@ -56,6 +61,11 @@ METHODS = {
                          "terms": [{"name": "reverse_kl", "rows": "samples"}, {"name": "pg", "rows": "samples"},
                                    {"name": "ce", "rows": "data", "weight": 0.5}]}},
     "taid": {"loss": {"terms": [{"name": "taid"}]}},
+    # feature terms (docs/concepts/features.md) on top of the same forward KL, layer map `kept`
+    "fkl_hint": {"loss": {"terms": [{"name": "forward_kl"},
+                                    {"name": "hint", "weight": 1.0, "layers": "kept", "metric": "normalised_mse"}]}},
+    "fkl_relation": {"loss": {"terms": [{"name": "forward_kl"},
+                                        {"name": "attention_relation", "weight": 1.0, "layers": "kept"}]}},
 }
 
 
@@ -66,12 +76,13 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def train(method: str, data: Path, workdir: Path, budget: float) -> dict:
+def train(method: str, data: Path, workdir: Path, budget: float, prune_method: str = "uniform") -> dict:
     """One method, in this process; returns its run figures."""
     from kdlm.config import Recipe, from_dict
     from kdlm.training import distill
 
     raw = _merge(BASE, METHODS[method])
+    raw["student"]["prune"] = {"method": prune_method}
     raw["data"]["train"] = str(data)
     raw["train"]["max_seconds"] = budget
     raw["output"] = {"dir": str(workdir / method), "overwrite": True}
@@ -126,7 +137,7 @@ def rouge_of(summary: dict, label: str) -> tuple:
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [
-        "# On-policy methods at an equal wall-clock budget (CPU, bundled teacher)", "",
+        f"# {report.get('title', 'On-policy methods at an equal wall-clock budget (CPU, bundled teacher)')}", "",
         f"{m.get('cpu')}, {m.get('cores')} cores; {', '.join(f'{k} {v}' for k, v in report['versions'].items())}; "
         f"{report['date']}. Budget {report['budget_s']:.0f} s of training per method; SelfInst ROUGE-L on the first "
         f"{report['eval_limit']} items (greedy).", "",
@@ -156,7 +167,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=240.0, help="training seconds per method (default 240)")
     parser.add_argument("--eval-limit", type=int, default=64, help="SelfInst items for kdlm eval (default 64)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    parser.add_argument("--methods", default="off_policy_fkl,gkd,minillm,taid", help="comma-separated subset of "
+                        + ", ".join(METHODS))
+    parser.add_argument("--prune-method", default="uniform", help="student.prune.method of the 10-layer student "
+                        "(uniform: the old quickstart's; block_influence: the new one)")
+    parser.add_argument("--title", default="On-policy methods at an equal wall-clock budget (CPU, bundled teacher)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/kdlm-on-policy-methods"))
     parser.add_argument("--out", type=Path, default=RESULTS / "on_policy_methods", help="results path without suffix")
     parser.add_argument("--json", action="store_true", help="print the results object as the last stdout line")
@@ -174,7 +189,7 @@ def main() -> None:
             runs.append(reuse(method, args.workdir))
             continue
         print(f"[on_policy_methods] {method}: training for {args.budget:.0f} s", file=sys.stderr, flush=True)
-        runs.append(train(method, teacher_answers(show_progress=False), args.workdir, args.budget))
+        runs.append(train(method, teacher_answers(show_progress=False), args.workdir, args.budget, args.prune_method))
     if args.eval_dirs:
         def rouge(label: str):  # None when no folder holds this model's scores (its eval did not finish)
             found = [Path(d) / label / "selfinst" / "metrics.json" for d in args.eval_dirs]
@@ -192,7 +207,8 @@ def main() -> None:
         for r in runs:
             r["rougeL"], r["retention"] = rouge_of(summary, r["method"])  # the run folder is named after the method
     report = {"date": utc_now(), "machine": machine_info(), "versions": versions("torch", "transformers", "kdlm"),
-              "budget_s": args.budget, "eval_limit": args.eval_limit, "wall_s": time.perf_counter() - started,
+              "budget_s": args.budget, "eval_limit": args.eval_limit, "title": args.title,
+              "student_prune_method": args.prune_method, "wall_s": time.perf_counter() - started,
               "teacher": {"rougeL": teacher_rouge, "teacher_ce": runs[0]["teacher_ce"]},
               "before": {"ce": runs[0]["val_ce_before"], "kl": runs[0]["val_kl_before"]},
               "methods": [{k: v for k, v in r.items() if k != "recipe"} for r in runs],

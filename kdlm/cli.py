@@ -2,7 +2,7 @@
 
     kdlm distill RECIPE.yaml [--set key=value ...] [--resume]
     kdlm generate RECIPE.yaml [--set ...] [--dry-run]  the teacher writes training data (black-box KD)
-    kdlm init-student --teacher MODEL --layers N --output DIR
+    kdlm init-student --teacher MODEL --layers N [--method M] [width flags] --output DIR
     kdlm cache-teacher RECIPE.yaml                   run the teacher once, store its top-k log-probs
     kdlm quickstart [--output DIR]
     kdlm check RECIPE.yaml [--set key=value ...]     validate and print the resolved recipe
@@ -46,14 +46,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe YAML file")
     _add_set(p)
 
-    p = sub.add_parser("init-student", help="make a student by keeping a subset of a model's decoder layers")
+    p = sub.add_parser("init-student", help="make a student from a model: keep some decoder layers (uniformly or by "
+                       "importance) and optionally prune its width")
     p.add_argument("--teacher", required=True, help="model to take layers from: hub id, folder, .gguf or bundled alias")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--layers", type=int, help="number of layers to keep, spread uniformly (first and last kept)")
-    group.add_argument("--layer-list", help="explicit comma-separated layer indices, e.g. 0,3,6,9")
+    group.add_argument("--layers", type=int, help="number of layers to keep, chosen by --method")
+    group.add_argument("--layer-list", help="explicit comma-separated layer indices, e.g. 0,3,6,9 (no scoring)")
+    p.add_argument("--method", choices=("uniform", "block_influence", "removal_loss"), default="uniform",
+                   help="how --layers picks layers: uniform stride (first and last kept), block influence "
+                        "(ShortGPT) or calibration loss without the layer (Minitron); default uniform")
+    p.add_argument("--iterative", action="store_true", help="drop one layer at a time and re-score the rest")
+    p.add_argument("--no-keep-first", dest="keep_first", action="store_false",
+                   help="allow dropping the first layer (block_influence / removal_loss)")
+    p.add_argument("--keep-last", action="store_true", help="never drop the last layer (block_influence / removal_loss)")
+    p.add_argument("--intermediate-size", type=int, help="width: MLP neurons kept per layer, by activation")
+    p.add_argument("--kv-heads", type=int, help="width: KV groups (with their query heads) kept per layer")
+    p.add_argument("--hidden-size", type=int, help="width: embedding channels kept, by activation")
+    p.add_argument("--calibration", help="calibration data file (text, prompt/completion or messages rows); "
+                                         "default: the quickstart prompts")
+    p.add_argument("--calibration-samples", type=int, help="calibration rows to score with (default 64)")
+    p.add_argument("--calibration-length", type=int, help="tokens per calibration row (default 256)")
     p.add_argument("--output", required=True, help="folder to write the student to (must not exist or be empty)")
     p.add_argument("--gguf-file", help="GGUF file name inside --teacher when it is a folder of GGUF files")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model repository's own code")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on calibration passes")
 
     p = sub.add_parser("quickstart", help="distil the bundled SmolLM2-135M-Instruct into a 10-layer student (CPU, minutes)")
     p.add_argument("--output", default="runs/quickstart", help="run folder (default: runs/quickstart)")
@@ -145,9 +161,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_init_student(args: argparse.Namespace) -> int:
+    import json
+
+    from kdlm.config.load import from_dict
+    from kdlm.config.schema import PruneConfig
     from kdlm.errors import ConfigError, OutputError
-    from kdlm.models.init_student import keep_layers, parameter_count
     from kdlm.models.loading import load_model, load_tokenizer, resolve_source
+    from kdlm.models.prune import load_calibration, prune_student
     from kdlm.training.export import save_student_folder
 
     out = Path(args.output)
@@ -161,17 +181,28 @@ def cmd_init_student(args: argparse.Namespace) -> int:
             keep = [int(x) for x in args.layer_list.split(",")]
         except ValueError:
             raise ConfigError(f"--layer-list {args.layer_list!r}: expected comma-separated integers") from None
+    settings = {"method": args.method, "iterative": args.iterative, "keep_first": args.keep_first,
+                "keep_last": args.keep_last, "intermediate_size": args.intermediate_size,
+                "num_key_value_heads": args.kv_heads, "hidden_size": args.hidden_size,
+                "calibration": args.calibration, "calibration_samples": args.calibration_samples,
+                "calibration_length": args.calibration_length}
+    cfg = from_dict(PruneConfig, {k: v for k, v in settings.items() if v is not None}, "student.prune.")
     import torch
 
     source = resolve_source(args.teacher, args.gguf_file)
     model = load_model(source, dtype=torch.float32, device=torch.device("cpu"), trust_remote_code=args.trust_remote_code)
-    before = parameter_count(model)
-    kept = keep_layers(model, keep)
     tokenizer = load_tokenizer(source, trust_remote_code=args.trust_remote_code)
-    card = (f"# Student initialised from `{args.teacher}`\n\nMade with `kdlm init-student`: decoder layers {kept} "
-            f"kept ({parameter_count(model) / 1e6:.1f}M of {before / 1e6:.1f}M parameters). Distil it before use.\n")
+    widths = any(v is not None for v in (cfg.intermediate_size, cfg.num_key_value_heads, cfg.hidden_size))
+    needs_calibration = widths or (isinstance(keep, int) and cfg.method != "uniform")
+    calibration = load_calibration(tokenizer, cfg) if needs_calibration else []
+    report = prune_student(model, keep, cfg, calibration, show_progress=not args.no_progress)
+    before, after = report.parameters
+    card = (f"# Student initialised from `{args.teacher}`\n\nMade with `kdlm init-student`: decoder layers "
+            f"{report.kept_layers} kept ({after / 1e6:.1f}M of {before / 1e6:.1f}M parameters). "
+            f"Distil it before use.\n\n{report.markdown()}")
     save_student_folder(model, tokenizer, out, card)
-    print(f"kdlm: kept layers {kept}: {parameter_count(model) / 1e6:.1f}M parameters (from {before / 1e6:.1f}M) -> {out}")
+    (out / "prune_report.json").write_text(report.to_json())
+    print(f"kdlm: {report.summary()} -> {out}")
     return 0
 
 

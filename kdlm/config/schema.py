@@ -18,7 +18,13 @@ from kdlm.errors import ConfigError
 # (kdlm.losses.objective.STUDENT_TERMS); the divergence names must match kdlm.losses.DIVERGENCE_KINDS
 # (a test keeps the lists equal).
 STUDENT_TERM_NAMES = ("ce", "redi", "pg")
-TERM_NAMES = STUDENT_TERM_NAMES + ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl", "taid")
+DIVERGENCE_TERM_NAMES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl", "taid")
+# Feature terms (kdlm.losses.features, kdlm.losses.attention) compare internals of a live teacher and the student:
+# hint: hidden states; attention_relation: MiniLM-v2 Q-Q / K-K / V-V relations; attention_score: TinyBERT's scores.
+FEATURE_TERM_NAMES = ("hint", "attention_relation", "attention_score")
+TERM_NAMES = STUDENT_TERM_NAMES + DIVERGENCE_TERM_NAMES + FEATURE_TERM_NAMES
+LAYER_MAPS = ("proportional", "kept", "tinybert")  # named layer maps (kdlm.losses.features.layer_pairs)
+LayerRef = Union[int, str]  # a decoder layer's output, or "embeddings" / "final" (the final norm's output)
 
 # Batch sources (kdlm.training.sources): where each optimizer step's rows come from.
 SAMPLED_SOURCES = ("student", "teacher", "mixed", "replay")  # need prompts: sample completions during training
@@ -59,15 +65,51 @@ class TeacherConfig:
 
 
 @dataclass
+class PruneConfig:
+    """How the student is cut from `student.model` (kdlm.models.prune): which layers survive `keep_layers`, and
+    optional width pruning (Minitron), all ranked on a small calibration set run through the unpruned model."""
+
+    method: Literal["uniform", "block_influence", "removal_loss"] = opt(
+        "uniform", "How `keep_layers: N` picks its layers. uniform: an even stride, first and last kept "
+        "(DistilBERT); block_influence: drop the layers whose output is most like their input, 1 - cos(x_in, x_out) "
+        "(ShortGPT, Men et al. 2024); removal_loss: drop the layers whose removal raises the calibration LM loss "
+        "least (Minitron's depth ranking). An explicit list of indices ignores this.")
+    iterative: bool = opt(False, "block_influence / removal_loss: drop one layer at a time and re-score the rest "
+                          "(slower, by one calibration pass per dropped layer) instead of ranking once.")
+    keep_first: bool = opt(True, "Never drop the first decoder layer.")
+    keep_last: bool = opt(False, "Never drop the last decoder layer.")
+    intermediate_size: Optional[int] = opt(None, "Width: MLP neurons kept per layer (Minitron: by mean |activation| "
+                                           "on the calibration set). null: all.", ge=1)
+    num_key_value_heads: Optional[int] = opt(None, "Width: KV groups kept per layer (each with its query heads), by "
+                                             "the mean norm of their heads' outputs. null: all.", ge=1)
+    hidden_size: Optional[int] = opt(None, "Width: embedding channels kept (the residual stream), by mean |activation| "
+                                     "of the norms' outputs. null: all. head_dim is unchanged.", ge=1)
+    calibration: Optional[str] = opt(None, "Calibration texts: a data file in any of data.train's forms. null: the "
+                                     "first calibration_samples rows of data.train (kdlm init-student: the "
+                                     "quickstart prompts).")
+    calibration_samples: int = opt(64, "Calibration examples to score with.", ge=1)
+    calibration_length: int = opt(256, "Tokens per calibration example (longer ones are cut).", ge=8)
+
+    @property
+    def scored(self) -> bool:
+        """Whether this needs the calibration pass (anything but a uniform stride at full width)."""
+        return self.method != "uniform" or any(
+            v is not None for v in (self.intermediate_size, self.num_key_value_heads, self.hidden_size))
+
+
+@dataclass
 class StudentConfig:
     """The model being trained. Any HF causal LM, or a layer subset of one (`keep_layers`)."""
 
     model: str = opt("smollm2-135m-instruct", "Same forms as teacher.model: hub id, local folder, .gguf file or bundled alias.")
     keep_layers: Optional[Union[int, list[int]]] = opt(
         None,
-        "Initialise the student by keeping only some decoder layers of `model`: a count (uniform stride, "
-        "first and last kept, as DistilBERT/Minitron do) or an explicit list of layer indices. null keeps all.",
+        "Initialise the student by keeping only some decoder layers of `model`: a count (chosen by "
+        "student.prune.method: a uniform stride by default, or by importance) or an explicit list of layer "
+        "indices. null keeps all.",
     )
+    prune: PruneConfig = field(default_factory=PruneConfig, metadata={
+        "help": "How the kept layers are chosen, and width pruning (see PruneConfig)."})
     gguf_file: Optional[str] = opt(None, "GGUF file name inside `model` when it is a folder or hub repo holding GGUF files.")
     revision: Optional[str] = opt(None, "Hub revision when `model` is a hub id.")
     dtype: DType = opt("auto", "Master-weights dtype. auto: float32 (mixed precision is set in train.mixed_precision).")
@@ -145,8 +187,10 @@ class LossTerm:
         "cross-entropy on positive rows minus alpha times it on negative rows, see data.negative_field), pg "
         "(MiniLLM's long-term policy-gradient part on sampled completions: -sum_t A_t w_t log q(y_t), see "
         "docs/concepts/on_policy.md), or a divergence from the teacher: "
-        + ", ".join(TERM_NAMES[len(STUDENT_TERM_NAMES):]) + " (taid: KL(p_t || q) to TAID's interpolated target, "
-        "t from schedule.taid_*).",
+        + ", ".join(DIVERGENCE_TERM_NAMES) + " (taid: KL(p_t || q) to TAID's interpolated target, "
+        "t from schedule.taid_*), or a feature term on a live teacher's internals: hint (hidden states), "
+        "attention_relation (MiniLM-v2 self-attention relations), attention_score (TinyBERT's attention scores); "
+        "see docs/concepts/features.md.",
         choices=TERM_NAMES,
     )
     weight: float = opt(1.0, "Weight of this term in the sum.", ge=0.0)
@@ -160,6 +204,25 @@ class LossTerm:
         "only the dataset's own completions (data; with source.data_rows: true they ride along on sampled steps, "
         "e.g. MiniLLM's language-modelling term)."
     )
+    layers: Optional[Union[str, list[list[LayerRef]]]] = opt(
+        None, "Feature terms: which student layer learns from which teacher layer. proportional: student i <-> "
+        "teacher round(i*(L_t-1)/(L_s-1)); kept: student i <-> the teacher layer it was copied from "
+        "(student.keep_layers); tinybert: student i <-> teacher k*(i+1)-1, k = L_t/L_s (TinyBERT's g(m) = k*m); or "
+        "explicit [student, teacher] pairs, each a layer index (its output), embeddings or final (the final "
+        "norm's output). null: kept when the student is a layer subset of the teacher, else proportional.")
+    metric: Literal["mse", "normalised_mse", "cosine"] = opt(
+        "mse", "hint: per-token distance between the (projected) student and teacher hidden states: mse (mean over "
+        "channels), normalised_mse (each channel divided by the teacher's mean square over the step's tokens, so "
+        "outlier channels do not dominate) or cosine (1 - cos).")
+    projection: Literal["identity", "xavier"] = opt(
+        "identity", "hint: init of the learned bias-free projection student width -> teacher width (one per pair; "
+        "only when the widths differ, or always with xavier). Trained with the student, checkpointed, never exported.")
+    relations: list[Literal["qq", "kk", "vv"]] = opt(
+        ["qq", "kk", "vv"], "attention_relation: which MiniLM-v2 relations to match (softmax(x x^T / sqrt(d_r)) of "
+        "post-RoPE queries, keys, or values).")
+    relation_heads: Optional[int] = opt(
+        None, "attention_relation: relation heads the q / k / v vectors are re-split into; must divide both models' "
+        "query and key/value widths. null: the smaller KV head count of the two models.", ge=1)
 
 
 @dataclass
@@ -181,6 +244,9 @@ class LossConfig:
                                    "null: no clipping.", gt=0.0)
     pg_length_normalise: bool = opt(True, "pg: divide each return R_{t+1} by the number of tokens it sums over "
                                     "(MiniLLM's length normalisation).")
+    feature_chunk_rows: int = opt(
+        128, "Attention terms: query rows per chunk, so no [batch, heads, L, L] tensor exists for the whole sequence.",
+        ge=1)
     fused: bool = opt(True, "Compute the LM head and the losses chunk by chunk, never holding [tokens, vocab] logits "
                       "for all tokens (same values and gradients as the unfused path).")
     chunk_mb: int = opt(256, "Byte budget (MiB) of one chunk's [rows, vocab] buffers on the fused path.", ge=1)
@@ -354,6 +420,19 @@ class Recipe:
         if self.schedule.ddk_every and self.teacher.source == "cache":
             raise ConfigError("schedule.ddk_every: DDK needs the teacher's per-domain CE, which a top-k cache cannot "
                               "give; set teacher.source: live")
+        features = [t.name for t in self.loss.terms if t.name in FEATURE_TERM_NAMES]
+        if features and self.teacher.source == "cache":
+            raise ConfigError(f"loss.terms: {features[0]} compares the teacher's internals, which an offline top-k "
+                              f"cache does not hold; set teacher.source: live")
+        if features and self.data.teacher_messages_field is not None:
+            raise ConfigError(f"loss.terms: {features[0]} compares both models position by position on the same "
+                              f"input; context distillation (data.teacher_messages_field) gives the teacher another")
+        for i, t in enumerate(self.loss.terms):
+            if t.name not in FEATURE_TERM_NAMES and t.layers is not None:
+                raise ConfigError(f"loss.terms[{i}].layers: only feature terms ({', '.join(FEATURE_TERM_NAMES)}) "
+                                  f"take a layer map, not {t.name}")
+            if t.name == "attention_relation" and not t.relations:
+                raise ConfigError(f"loss.terms[{i}].relations: name at least one of qq, kk, vv")
         if self.schedule.taid_t_end < self.schedule.taid_t_start:
             raise ConfigError(f"schedule.taid_t_end ({self.schedule.taid_t_end}) is below schedule.taid_t_start "
                               f"({self.schedule.taid_t_start})")

@@ -166,3 +166,18 @@ def attack_success_rate(clean_correct: Sequence[bool], perturbed_correct: Sequen
     if not kept:
         return None, 0
     return sum(1 for p in kept if not p) / len(kept), len(kept)
+
+
+def repeated_ngram_share(texts: Iterable[str], n: int = 4) -> Optional[float]:
+    """Share of word n-grams that repeat an n-gram seen earlier in the same text, pooled over `texts` (a
+    degeneration measure: 0 for text that never repeats itself, near 1 for a loop). None when no text has n words."""
+    repeated = total = 0
+    for text in texts:
+        words = text.split()
+        seen = set()
+        for i in range(len(words) - n + 1):
+            gram = tuple(words[i:i + n])
+            repeated += gram in seen
+            seen.add(gram)
+            total += 1
+    return repeated / total if total else None

@@ -35,6 +35,8 @@ from kdlm.losses.divergences import per_position_divergence
 # Terms computed from the student's cross-entropy on the data's tokens alone: no teacher needed.
 # pg: MiniLLM's long-term policy-gradient part, -log q(y_t) with coefficient A_t * w_t (kdlm.losses.policy).
 STUDENT_TERMS = ("ce", "redi", "pg")
+# Terms on a live teacher's internals (kdlm.losses.features, kdlm.losses.attention), outside the LM-head losses.
+FEATURE_TERMS = ("hint", "attention_relation", "attention_score")
 
 
 @dataclass(frozen=True)
@@ -49,10 +51,23 @@ class Term:
     skew: float
     alpha: float = 0.8  # redi: weight of the negative rows
     rows: str = "all"  # which rows of a step it counts: all, samples (drawn during training) or data
+    # feature terms: the layer map as given (layer_spec) and resolved against both models (layers: pairs of refs)
+    layer_spec: object = None
+    layers: tuple = ()
+    metric: str = "mse"  # hint: mse, normalised_mse or cosine
+    projection: str = "identity"  # hint: init of the learned projections
+    relations: tuple = ("qq", "kk", "vv")  # attention_relation
+    relation_heads: Optional[int] = None  # attention_relation (resolved against both models' widths)
+    chunk_rows: int = 128  # attention terms: query rows per chunk
 
     @property
     def needs_teacher(self) -> bool:
         return self.name not in STUDENT_TERMS
+
+    @property
+    def is_feature(self) -> bool:
+        """Computed from captured internals, not from the LM head's logits."""
+        return self.name in FEATURE_TERMS
 
 
 def resolve_terms(loss_cfg) -> list[Term]:
@@ -70,8 +85,21 @@ def resolve_terms(loss_cfg) -> list[Term]:
             skew=t.skew if t.skew is not None else loss_cfg.skew,
             alpha=t.alpha if t.alpha is not None else loss_cfg.redi_alpha,
             rows=getattr(t, "rows", "all"),
+            layer_spec=_frozen(getattr(t, "layers", None)),
+            metric=getattr(t, "metric", "mse"),
+            projection=getattr(t, "projection", "identity"),
+            relations=tuple(getattr(t, "relations", ("qq", "kk", "vv"))),
+            relation_heads=getattr(t, "relation_heads", None),
+            chunk_rows=getattr(loss_cfg, "feature_chunk_rows", 128),
         ))
     return terms
+
+
+def _frozen(spec):
+    """A layer map as given, hashable (lists of pairs -> tuples)."""
+    if isinstance(spec, list):
+        return tuple(tuple(p) if isinstance(p, list) else p for p in spec)
+    return spec
 
 
 def token_coefficients(

@@ -18,11 +18,13 @@ import textwrap
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from kdlm.config import load_recipe
 from kdlm.data import prepare_data, read_rows
+from kdlm.evaluation.metrics import repeated_ngram_share
 from kdlm.models import bundled
 from kdlm.models.generate import generate_chat
 from kdlm.models.init_student import keep_layers
@@ -32,6 +34,7 @@ from kdlm.training.checkpoint import atomic_write_text
 
 TEACHER = "smollm2-135m-instruct"
 GENERATION = {"max_new_tokens": 96, "batch_size": 48, "do_sample": False}
+SAMPLE_TOKENS = 64  # greedy tokens per held-out answer in the report
 
 
 def recipe_path(name: str = "quickstart") -> Path:
@@ -85,28 +88,43 @@ def run_quickstart(output: Path, *, overrides: list[str] = (), show_progress: bo
     teacher_model = load_model(source, dtype=torch.float32, device=torch.device("cpu"), frozen=True)
     teacher_self = {"ce": result.after["teacher_ce"], "kl_to_teacher": 0.0, "top1_agreement": 1.0}
     initial = copy.deepcopy(teacher_model)
-    keep_layers(initial, recipe.student.keep_layers)
+    keep_layers(initial, result.kept_layers)  # the layers the run chose (student.prune.method)
     distilled = load_model(resolve_source(str(result.model_dir)), dtype=torch.float32, device=torch.device("cpu"), frozen=True)
 
     table = {"initial student": result.before, "distilled student": result.after, "teacher": teacher_self}
     raw = read_rows(str(data_file), "train")
     by_location = dict(zip(raw.locations, raw.rows))
-    questions = [by_location[ex.sample_id]["messages"][0]["content"] for ex in val_set[:3]]
-    samples = {name: generate_chat(model, tokenizer, questions, max_new_tokens=40, show_progress=False)
-               for name, model in (("initial student", initial), ("distilled student", distilled), ("teacher", teacher_model))}
-    text = render_report(table, questions, samples, time.perf_counter() - start)
+    questions = [by_location[ex.sample_id]["messages"][0]["content"] for ex in val_set]
+    # every held-out prompt, for the repetition figure; the first three are shown
+    answers = {name: generate_chat(model, tokenizer, questions, max_new_tokens=SAMPLE_TOKENS, show_progress=False)
+               for name, model in (("distilled student", distilled), ("teacher", teacher_model))}
+    shown = questions[:3]
+    samples = {"initial student": generate_chat(initial, tokenizer, shown, max_new_tokens=SAMPLE_TOKENS,
+                                                show_progress=False),
+               **{name: texts[:3] for name, texts in answers.items()}}
+    repetition = {name: repeated_ngram_share(texts) for name, texts in answers.items()}
+    text = render_report(table, shown, samples, time.perf_counter() - start, repetition=repetition,
+                         prompts=len(questions), kept=result.kept_layers)
     print(text)
     atomic_write_text(Path(output) / "quickstart_report.md", text)
-    return table
+    return {**table, "repetition": repetition, "kept_layers": result.kept_layers}
 
 
-def render_report(table: dict, questions: list[str], samples: dict, seconds: float) -> str:
+def render_report(table: dict, questions: list[str], samples: dict, seconds: float, *,
+                  repetition: Optional[dict] = None, prompts: int = 0, kept: Optional[list[int]] = None) -> str:
     """The quickstart's closing table and samples, as Markdown (also readable in a terminal)."""
     lines = ["", f"## Quickstart: held-out figures ({seconds / 60:.1f} min in all)", "",
              "| model | CE (nats/token) | KL to teacher | top-1 agreement |", "|---|---|---|---|"]
     for name, m in table.items():
         lines.append(f"| {name} | {m['ce']:.3f} | {m['kl_to_teacher']:.3f} | {m['top1_agreement']:.1%} |")
-    lines += ["", "Lower CE and KL are better; the teacher's KL to itself is 0 by definition.", "", "## Sample answers (held-out prompts)", ""]
+    lines += ["", "Lower CE and KL are better; the teacher's KL to itself is 0 by definition."]
+    if kept:
+        lines += [f"The student started as layers {', '.join(map(str, kept))} of the teacher's "
+                  f"(student.prune.method; see the model card)."]
+    if repetition:
+        shares = ", ".join(f"{name} {share:.1%}" if share is not None else f"{name} n/a" for name, share in repetition.items())
+        lines += [f"Repeated 4-grams in the answers to the {prompts} held-out prompts (lower is better): {shares}."]
+    lines += ["", "## Sample answers (held-out prompts)", ""]
     for i, question in enumerate(questions):
         lines.append(f"**Prompt:** {question}")
         lines.append("")

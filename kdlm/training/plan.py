@@ -213,6 +213,9 @@ def estimate(recipe: Recipe, *, device: Optional[torch.device] = None) -> Plan:
     else:
         loss = counted * vocab * 4 * 10
     mem["loss (LM head + divergences)"] = loss / MiB
+    if any(t.is_feature for t in terms):
+        mem["feature terms (hint / attention)"] = feature_memory(recipe, terms, tokens=tokens, counted=counted,
+                                                                act_bytes=act_bytes) / MiB
     plan.total_mb = sum(mem.values())
     plan.available_mb = _available_mb(device)
 
@@ -233,6 +236,36 @@ def estimate(recipe: Recipe, *, device: Optional[torch.device] = None) -> Plan:
     plan.tokens_per_s = counted * accum / plan.step_seconds
     plan.suggestions = _suggest(recipe, plan, mem, no_live_teacher)
     return plan
+
+
+def feature_memory(recipe: Recipe, terms: list, *, tokens: float, counted: float, act_bytes: int) -> float:
+    """Extra bytes of the feature terms, per process (docs/concepts/features.md):
+    hint, per layer pair: the teacher's captured states at the counted tokens (autocast dtype) and ~3 fp32
+    [counted, H_t] buffers the distance keeps for backward, plus a projection's weight, grad and AdamW moments;
+    attention, per layer pair: the teacher's captured q / k / v (autocast dtype), and one query-row chunk's
+    [batch, relation heads, chunk, L] fp32 scores for ~4 buffers (student and teacher softmax, log-ratio, grad)
+    per relation. The student's own captured states are activations it keeps anyway."""
+    from kdlm.training.trainer import planned_dims, resolve_features
+
+    student, teacher = planned_dims(recipe, student=True), planned_dims(recipe, student=False)
+    resolved = resolve_features(recipe, list(terms), student, teacher)
+    width = tokens / max(recipe.train.batch_size, 1)  # padded row length
+    total = 0.0
+    for term in resolved:
+        if not term.is_feature:
+            continue
+        pairs = len(term.layers)
+        if term.name == "hint":
+            projection = 16 * student.hidden * teacher.hidden if (
+                student.hidden != teacher.hidden or term.projection == "xavier") else 0
+            total += pairs * (counted * teacher.hidden * (act_bytes + 3 * 4) + projection)
+            continue
+        qkv = tokens * (teacher.heads + 2 * teacher.kv_heads) * teacher.head_dim * act_bytes
+        heads = term.relation_heads or teacher.heads
+        kinds = len(term.relations) if term.name == "attention_relation" else 1
+        chunk = recipe.train.batch_size * heads * min(term.chunk_rows, width) * width * 4 * 4 * kinds
+        total += pairs * qkv + chunk
+    return total
 
 
 def _suggest(recipe: Recipe, plan: Plan, mem: dict[str, float], no_live_teacher: bool) -> list[str]:

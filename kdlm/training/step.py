@@ -10,13 +10,14 @@ and REDI reach the objective as per-token coefficients (`objective.token_coeffic
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from kdlm.data.encode import IGNORE
+from kdlm.losses.features import FeatureProjections, feature_layers, hint_sum
 from kdlm.losses.fused import DEFAULT_CHUNK_BYTES, TOTAL_KEY, fused_sums
 from kdlm.losses.policy import importance_weights, pg_coefficients, rewards
 from kdlm.losses.sparse import SparseTeacher, sparse_term_sums
@@ -67,23 +68,39 @@ def last_hidden(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
 @dataclass
 class TeacherRows:
     """The teacher's signal for a batch, at the counted positions: its last hidden states and LM head.
-    Logits are computed from them inside the loss, chunk by chunk on the fused path."""
+    Logits are computed from them inside the loss, chunk by chunk on the fused path. For feature terms, also
+    the mapped layers' hidden states (at the counted positions) and attention q / k / v (whole rows)."""
 
     hidden: Tensor  # [N, H_teacher], no grad
     head: LMHead
+    features: dict = field(default_factory=dict)  # layer ref -> [N, H_teacher], no grad
+    qkv: dict = field(default_factory=dict)  # decoder layer -> (q [B, Hq, L, d], k, v [B, Hkv, L, d]), no grad
 
 
 class Teacher:
-    """A frozen teacher: eval mode, no gradients, never saved, never wrapped by DDP."""
+    """A frozen teacher: eval mode, no gradients, never saved, never wrapped by DDP.
 
-    def __init__(self, model: nn.Module, vocab: int):
+    `hidden_layers` / `attention_layers`: what the feature terms compare; only these layers are hooked
+    (kdlm.models.capture), never `output_hidden_states` over the whole model."""
+
+    def __init__(self, model: nn.Module, vocab: int, *, hidden_layers=(), attention_layers=()):
         self.model = model
         self.head = lm_head_of(model, vocab)
+        self.hidden_layers = tuple(hidden_layers)
+        self.attention_layers = tuple(attention_layers)
 
     @torch.no_grad()
     def rows(self, inputs: dict[str, Tensor], mask: Tensor) -> TeacherRows:
         """The teacher's hidden states at the counted positions (`mask` [B, L-1])."""
-        return TeacherRows(last_hidden(self.model, inputs)[:, :-1][mask], self.head)  # [N, H_teacher]
+        if not self.hidden_layers and not self.attention_layers:
+            return TeacherRows(last_hidden(self.model, inputs)[:, :-1][mask], self.head)  # [N, H_teacher]
+        from kdlm.models.capture import FeatureCapture
+
+        with FeatureCapture(self.model, hidden_layers=self.hidden_layers, attention_layers=self.attention_layers,
+                            detach=True) as capture:
+            hidden = last_hidden(self.model, inputs)[:, :-1][mask]
+        features = {ref: h[:, :-1][mask] for ref, h in capture.hidden.items()}
+        return TeacherRows(hidden, self.head, features, dict(capture.qkv))
 
     @torch.no_grad()
     def logits(self, inputs: dict[str, Tensor], mask: Tensor) -> Tensor:
@@ -127,9 +144,12 @@ class DistillationModule(nn.Module):
 
     def __init__(self, student: nn.Module, terms: list[Term], vocab: int, *, fused: bool = True,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, pg_clip: Optional[float] = 0.2,
-                 pg_length_normalise: bool = True):
+                 pg_length_normalise: bool = True, projections: Optional[FeatureProjections] = None):
         super().__init__()
         self.student = student
+        # hint terms' learned projections: a submodule, so the optimizer, DDP and the checkpoint see them;
+        # the export saves `student` alone, so they never reach the exported model
+        self.projections = projections
         self.terms = terms  # replaced by the loop when a schedule moves a term's parameter (TAID's t)
         self.vocab = vocab
         self.fused = fused
@@ -163,23 +183,85 @@ class DistillationModule(nn.Module):
         mask, targets = counted_positions(labels)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         inputs = {k: v for k, v in inputs.items() if v is not None}
-        hidden = last_hidden(self.student, inputs)[:, :-1][mask]  # [N, H] (autocast dtype)
+        hidden_refs, _, attention_layers, _ = feature_layers(self.terms)
+        if hidden_refs or attention_layers:
+            from kdlm.models.capture import FeatureCapture
+
+            with FeatureCapture(self.student, hidden_layers=sorted(hidden_refs, key=str),
+                                attention_layers=sorted(attention_layers), detach=False) as capture:
+                full = last_hidden(self.student, inputs)
+            captured = ({ref: h[:, :-1][mask] for ref, h in capture.hidden.items()}, dict(capture.qkv))
+        else:
+            full, captured = last_hidden(self.student, inputs), None
+        hidden = full[:, :-1][mask]  # [N, H] (autocast dtype)
         sampling = {"sampled": sampled, "behavior": behavior_logprobs, "student": student_logprobs,
                     "teacher": teacher_logprobs}
         coefficients = self.coefficients(mask, labels, position_ids, token_weights, negative, sampling)  # [K, N] or None
+        logit_terms = [t for t in self.terms if not t.is_feature]
+        logit_rows = [k for k, t in enumerate(self.terms) if not t.is_feature]
+        logit_coefficients = coefficients[logit_rows] if coefficients is not None else None
+        sums = self._logit_sums(hidden, teacher, targets, logit_terms, logit_coefficients) if logit_terms else {}
+        if captured is None:
+            return sums
+        features = self._feature_sums(captured, teacher, mask, attention_mask, position_ids, coefficients)
+        total = sums.get(TOTAL_KEY, 0.0) + sum(t.weight * features[t.label] for t in self.terms if t.is_feature)
+        return {**sums, **{k: v.detach() for k, v in features.items()}, TOTAL_KEY: total}
+
+    def _logit_sums(self, hidden: Tensor, teacher, targets: Tensor, terms: list[Term],
+                    coefficients: Optional[Tensor]) -> dict[str, Tensor]:
+        """The LM-head terms: fused and chunked, or on full logits."""
         sparse = isinstance(teacher, SparseTeacher)  # an offline cache: top-k log-probs instead of hidden states
         if self.fused:
             teacher_hidden = teacher if sparse else (teacher.hidden if teacher else None)
             teacher_head = None if sparse or teacher is None else teacher.head
-            return fused_sums(hidden, self.head, teacher_hidden, teacher_head, targets, self.terms,
+            return fused_sums(hidden, self.head, teacher_hidden, teacher_head, targets, terms,
                               chunk_bytes=self.chunk_bytes, coefficients=coefficients)
         student_logits = self.head.logits(hidden)  # [N, V] fp32
         if sparse:
-            sums = sparse_term_sums(student_logits, teacher, targets, self.terms, coefficients=coefficients)
+            sums = sparse_term_sums(student_logits, teacher, targets, terms, coefficients=coefficients)
         else:
             teacher_logits = teacher.head.logits(teacher.hidden) if teacher is not None else None
-            sums = term_sums(student_logits, teacher_logits, targets, self.terms, coefficients=coefficients)
-        return {**{k: v.detach() for k, v in sums.items()}, TOTAL_KEY: weighted_total(sums, self.terms)}
+            sums = term_sums(student_logits, teacher_logits, targets, terms, coefficients=coefficients)
+        return {**{k: v.detach() for k, v in sums.items()}, TOTAL_KEY: weighted_total(sums, terms)}
+
+    def _feature_sums(self, captured, teacher: TeacherRows, mask: Tensor, attention_mask: Optional[Tensor],
+                      position_ids: Optional[Tensor], coefficients: Optional[Tensor]) -> dict[str, Tensor]:
+        """The feature terms' sums over counted tokens (hint: per token; attention: per counted query row)."""
+        from kdlm.losses.attention import attention_score_mse_sum, relation_kl_sum
+
+        if not isinstance(teacher, TeacherRows) or (not teacher.features and not teacher.qkv):
+            raise ValueError("feature terms need a live teacher whose mapped layers were captured "
+                             "(Teacher(hidden_layers=..., attention_layers=...))")
+        student_hidden, student_qkv = captured
+        query_rows = nn.functional.pad(mask, (0, 1))  # [B, L]: the counted output positions, as query rows
+        sums = {}
+        for k, term in enumerate(self.terms):
+            if not term.is_feature:
+                continue
+            coefficient = coefficients[k] if coefficients is not None else None
+            if term.name == "hint":
+                sums[term.label] = hint_sum(term, student_hidden, teacher.features, self.projections, coefficient)
+                continue
+            if coefficient is not None:  # per query row, over the same counted positions as the hint / logit terms
+                row_weights = torch.zeros(mask.shape, dtype=coefficient.dtype, device=mask.device)
+                row_weights[mask] = coefficient
+                row_weights = nn.functional.pad(row_weights, (0, 1))
+            else:
+                row_weights = None
+            total = 0.0
+            for s_layer, t_layer in term.layers:
+                sq, sk, sv = student_qkv[s_layer]
+                tq, tk, tv = teacher.qkv[t_layer]
+                masks = dict(query_rows=query_rows, attention_mask=attention_mask, position_ids=position_ids,
+                             chunk_rows=term.chunk_rows, row_weights=row_weights)
+                if term.name == "attention_relation":
+                    total = total + relation_kl_sum({"q": sq, "k": sk, "v": sv}, {"q": tq, "k": tk, "v": tv},
+                                                    relations=term.relations, relation_heads=term.relation_heads,
+                                                    **masks)
+                else:
+                    total = total + attention_score_mse_sum((sq, sk), (tq, tk), **masks)
+            sums[term.label] = total / len(term.layers)
+        return sums
 
     def coefficients(self, mask: Tensor, labels: Tensor, position_ids: Optional[Tensor],
                      token_weights: Optional[Tensor], negative: Optional[Tensor],

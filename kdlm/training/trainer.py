@@ -30,10 +30,11 @@ from kdlm.config.schema import SAMPLED_SOURCES
 from kdlm.data import Collator, DataReport, prepare_data
 from kdlm.data.packing import pack_examples
 from kdlm.errors import ConfigError, DataError, ModelError, OutputError
+from kdlm.losses.features import FeatureProjections, ModelDims, feature_layers, resolve_feature_terms
 from kdlm.losses.objective import Term, resolve_terms
 from kdlm.models.compat import shared_vocab_size
 from kdlm.models.generate import cpu_has_fast_bf16
-from kdlm.models.init_student import keep_layers, parameter_count
+from kdlm.models.init_student import parameter_count
 from kdlm.models.loading import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
 from kdlm.training.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, load_rank_state
 from kdlm.training.export import model_card, save_student_folder
@@ -64,6 +65,7 @@ class RunResult:
     after: dict
     data: DataReport
     history: list[dict] = field(default_factory=list)
+    kept_layers: Optional[list[int]] = None  # the teacher layers the student was cut from (student.keep_layers)
 
 
 @dataclass
@@ -80,6 +82,9 @@ class Models:
     student_init: str  # for the model card
     teacher: Optional[Union[Teacher, CachedTeacher]]
     vocab: int  # the vocabulary the objective compares over
+    terms: list = field(default_factory=list)  # the objective's terms, feature terms resolved against both models
+    kept_layers: Optional[list[int]] = None
+    prune_report: Optional[dict] = None  # kdlm.models.prune.PruneReport.to_dict(), plus its wall time
 
 
 def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[[int], None]] = None,
@@ -100,7 +105,8 @@ def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[
         raise ModelError("sampling.engine: vllm runs on a CUDA GPU and none is visible; use sampling.engine: kdlm")
     tokenizers = tokenizers_stage(recipe, terms)
     train_set, val_set, report = data_stage(recipe, tokenizers.student, terms, main=main)
-    models = models_stage(recipe, tokenizers, train_set + val_set, device=accelerator.device)
+    models = models_stage(recipe, tokenizers, train_set + val_set, device=accelerator.device, terms=terms)
+    terms = models.terms
 
     # every input is checked: only now is the output folder touched (a failed start leaves it as it was)
     if main:
@@ -109,6 +115,8 @@ def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "resolved_config.yaml", dump_yaml(recipe))
         atomic_write_text(out / "data_report.json", _json(report.__dict__))
+        if models.prune_report is not None:
+            atomic_write_text(out / "prune_report.json", _json(models.prune_report))
     accelerator.wait_for_everyone()
 
     module, optimizer, scheduler = objective_stage(recipe, models, terms)
@@ -173,7 +181,7 @@ def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[
                                                              "memory": peak_memory_mb()}))
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return RunResult(out, model_dir, state["step"], before, after, report, loop.history)
+    return RunResult(out, model_dir, state["step"], before, after, report, loop.history, models.kept_layers)
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -219,22 +227,81 @@ def data_stage(recipe: Recipe, tokenizer, terms: list[Term], *, main: bool):
     return train_set, val_set, report
 
 
-def models_stage(recipe: Recipe, tokenizers: Tokenizers, examples: list, *, device) -> Models:
-    """The student (optionally a layer subset) and the teacher signal (live model, offline cache, or none)."""
+def models_stage(recipe: Recipe, tokenizers: Tokenizers, examples: list, *, device,
+                 terms: Optional[list[Term]] = None) -> Models:
+    """The student (optionally pruned: a layer subset, by importance, and narrower), the teacher signal (live
+    model, offline cache, or none), and the feature terms resolved against both models' shapes."""
+    terms = list(terms if terms is not None else resolve_terms(recipe.loss))
+    if any(t.is_feature for t in terms):  # layer maps / relation heads checked on the configs, before weights load
+        resolve_features(recipe, terms, planned_dims(recipe, student=True), planned_dims(recipe, student=False))
     student_device = resolve_device(recipe.student.device, device)
     student = load_model(tokenizers.student_src, dtype=resolve_dtype(recipe.student.dtype, student_device, trainable=True),
                          device=student_device, trust_remote_code=recipe.student.trust_remote_code)
     student_init = f"`{recipe.student.model}` ({parameter_count(student) / 1e6:.1f}M parameters)"
-    if recipe.student.keep_layers is not None:
-        kept = keep_layers(student, recipe.student.keep_layers)
-        student_init = f"layers {kept} of `{recipe.student.model}` ({parameter_count(student) / 1e6:.1f}M parameters)"
+    kept, prune_report = None, None
+    if recipe.student.keep_layers is not None or recipe.student.prune.scored:
+        kept, student_init, prune_report = build_student(recipe, student, examples)
     student_rows = student.get_output_embeddings().weight.shape[0]
     teacher, vocab = _load_teacher(recipe, tokenizers.teacher_src, tokenizers.teacher, tokenizers.student,
                                    student_rows=student_rows, examples=examples, default_device=device)
+    if any(t.is_feature for t in terms):
+        terms = resolve_features(recipe, terms, ModelDims(student.config), ModelDims(teacher.model.config), kept)
+        _, teacher.hidden_layers, _, teacher.attention_layers = (sorted(x, key=str) for x in feature_layers(terms))
     if recipe.train.gradient_checkpointing:  # the sampler runs the student in eval mode, so its KV cache stays on
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.config.use_cache = False
-    return Models(student, student_init, teacher, vocab)
+    return Models(student, student_init, teacher, vocab, terms, kept, prune_report)
+
+
+def build_student(recipe: Recipe, student: torch.nn.Module, examples: list) -> tuple[list[int], str, dict]:
+    """Cut the student from `student.model` in place (student.keep_layers, student.prune) and describe it for the
+    model card. Returns the kept layers' indices in the original model, the description and the prune report."""
+    import time
+
+    from kdlm.models.prune import load_calibration, prune_student
+
+    cfg = recipe.student.prune
+    calibration: list[list[int]] = []
+    if cfg.scored and cfg.calibration:
+        tokenizer = load_tokenizer(resolve_source(recipe.student.model, recipe.student.gguf_file, recipe.student.revision),
+                                   trust_remote_code=recipe.student.trust_remote_code)
+        calibration = load_calibration(tokenizer, cfg)
+    elif cfg.scored:  # the training data, as the run encoded it
+        calibration = [list(ex.input_ids[: cfg.calibration_length]) for ex in examples[: cfg.calibration_samples]]
+    start = time.perf_counter()
+    report = prune_student(student, recipe.student.keep_layers, cfg, calibration)
+    seconds = time.perf_counter() - start
+    print(f"kdlm: student: {report.summary()} ({seconds:.0f} s)", flush=True)
+    init = f"layers {report.kept_layers} of `{recipe.student.model}` ({parameter_count(student) / 1e6:.1f}M parameters)"
+    return report.kept_layers, init + "\n\n" + report.markdown(), {**report.to_dict(), "seconds": seconds}
+
+
+def planned_dims(recipe: Recipe, *, student: bool) -> ModelDims:
+    """A model's feature shapes from its config alone (no weights), with the student's pruning applied."""
+    from transformers import AutoConfig
+
+    side = recipe.student if student else recipe.teacher
+    source = resolve_source(side.model, side.gguf_file, side.revision)
+    dims = ModelDims(AutoConfig.from_pretrained(source.path, **source.kwargs))
+    if student:
+        keep, prune = recipe.student.keep_layers, recipe.student.prune
+        if keep is not None:
+            dims.layers = keep if isinstance(keep, int) else len(keep)
+        if prune.num_key_value_heads:
+            dims.heads, dims.kv_heads = dims.heads // dims.kv_heads * prune.num_key_value_heads, prune.num_key_value_heads
+        if prune.hidden_size:
+            dims.hidden = prune.hidden_size
+    return dims
+
+
+def resolve_features(recipe: Recipe, terms: list[Term], student: ModelDims, teacher: ModelDims,
+                     kept: Optional[list[int]] = None) -> list[Term]:
+    """Feature terms with their layer pairs and relation heads filled in (kdlm.losses.features)."""
+    subset = recipe.student.keep_layers is not None and recipe.student.model == recipe.teacher.model
+    if kept is None and subset:  # before the student exists: the layers keep_layers names or will choose
+        keep = recipe.student.keep_layers
+        kept = list(keep) if isinstance(keep, list) else list(range(keep))
+    return resolve_feature_terms(terms, student=student, teacher=teacher, kept=kept if subset else None)
 
 
 def objective_stage(recipe: Recipe, models: Models, terms: list[Term]):
@@ -242,10 +309,18 @@ def objective_stage(recipe: Recipe, models: Models, terms: list[Term]):
     from transformers import get_scheduler
 
     cfg = recipe.train
+    projections = None
+    if any(t.name == "hint" for t in terms):
+        projections = FeatureProjections(terms, ModelDims(models.student.config).hidden,
+                                         ModelDims(models.teacher.model.config).hidden,
+                                         dtype=models.student.get_input_embeddings().weight.dtype)
+        projections.to(models.student.get_input_embeddings().weight.device)
     module = DistillationModule(models.student, terms, models.vocab, fused=recipe.loss.fused,
                                 chunk_bytes=recipe.loss.chunk_mb * 2**20, pg_clip=recipe.loss.pg_clip,
-                                pg_length_normalise=recipe.loss.pg_length_normalise)
-    optimizer = torch.optim.AdamW(_param_groups(models.student, cfg.weight_decay), lr=cfg.learning_rate,
+                                pg_length_normalise=recipe.loss.pg_length_normalise, projections=projections)
+    # over the whole module: the student AND the hint projections (DistillKit v1 built its projections after
+    # the optimizer, so they never trained: PEERS.md #10)
+    optimizer = torch.optim.AdamW(_param_groups(module, cfg.weight_decay), lr=cfg.learning_rate,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2))
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=cfg.max_steps)

@@ -438,11 +438,13 @@ def test_config_reference_command_writes_the_reference(tmp_path):
 
 def test_term_names_match_divergence_registry():
     from kdlm.losses import DIVERGENCE_KINDS
-    from kdlm.losses.objective import STUDENT_TERMS
+    from kdlm.losses.objective import FEATURE_TERMS, STUDENT_TERMS
 
     assert schema.STUDENT_TERM_NAMES == STUDENT_TERMS == ("ce", "redi", "pg")
+    assert schema.FEATURE_TERM_NAMES == FEATURE_TERMS
     assert schema.TERM_NAMES[: len(STUDENT_TERMS)] == STUDENT_TERMS
-    assert set(schema.TERM_NAMES[len(STUDENT_TERMS):]) == set(DIVERGENCE_KINDS)
+    assert set(schema.DIVERGENCE_TERM_NAMES) == set(DIVERGENCE_KINDS)
+    assert schema.TERM_NAMES == STUDENT_TERMS + schema.DIVERGENCE_TERM_NAMES + FEATURE_TERMS
     assert len(schema.TERM_NAMES) == len(set(schema.TERM_NAMES))
 
 

@@ -101,3 +101,14 @@ def test_attack_success_rate():
     assert M.attack_success_rate([False, False], [None, None]) == (None, 0)
     with pytest.raises(ValueError):
         M.attack_success_rate([True], [])
+
+
+def test_repeated_ngram_share_counts_repeats_within_each_text():
+    from kdlm.evaluation.metrics import repeated_ngram_share
+
+    assert repeated_ngram_share(["a b c d e f"]) == 0.0
+    # "a b c d" x3: 9 four-grams, the first 4 new, the other 5 repeats
+    assert repeated_ngram_share(["a b c d a b c d a b c d"]) == 5 / 9
+    # n-grams are not compared across texts
+    assert repeated_ngram_share(["a b c d", "a b c d"]) == 0.0
+    assert repeated_ngram_share(["too short"]) is None

@@ -256,3 +256,70 @@ def test_keep_layers_selects_per_layer_attention_types():
         first = model(ids[:, :-1], use_cache=True)
         step = model(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True).logits
     assert torch.allclose(step[0, -1], full[0, -1], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- `kdlm init-student` with pruning
+
+
+def test_init_student_block_influence_writes_the_report(tiny_model_dir, tmp_path, make_jsonl, tiny_tokenizer, capsys):
+    import json
+
+    from kdlm.config.schema import PruneConfig
+    from kdlm.models.prune import load_calibration, prune_student
+
+    data = make_jsonl([{"text": t} for t in ("The quick brown fox jumps over the lazy dog.", "Hello world! How are you?",
+                                              "What is the capital of France? Paris.", "One two three four five six.")])
+    out = tmp_path / "student"
+    assert _init_student("--teacher", tiny_model_dir, "--layers", 2, "--method", "block_influence", "--keep-last",
+                         "--no-keep-first", "--calibration", data, "--no-progress", "--output", out) == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    # the same choice as the API on the same calibration
+    cfg = PruneConfig(method="block_influence", keep_first=False, keep_last=True, calibration=str(data))
+    expected = prune_student(load(tiny_model_dir), 2, cfg, load_calibration(tiny_tokenizer, cfg))
+    assert report["kept_layers"] == expected.kept_layers and 3 in report["kept_layers"]
+    assert report["layer_scores"] == pytest.approx(expected.layer_scores, rel=1e-5)
+    assert report["method"] == "block_influence" and report["calibration_tokens"] == expected.calibration_tokens
+    card = (out / "README.md").read_text()
+    assert "## Pruning" in card and "| layer | score" in card and str(expected.kept_layers) in card
+    assert str(expected.kept_layers) in capsys.readouterr().out
+    student = load(out)
+    assert student.config.num_hidden_layers == 2
+    teacher = load(tiny_model_dir)
+    for new, old in enumerate(expected.kept_layers):
+        for name, tensor in teacher.model.layers[old].state_dict().items():
+            assert torch.equal(student.model.layers[new].state_dict()[name], tensor)
+
+
+def test_init_student_width_pruning_on_the_default_prompts(tiny_model_dir, tmp_path):
+    import json
+
+    out = tmp_path / "student"
+    assert _init_student("--teacher", tiny_model_dir, "--layers", 3, "--method", "removal_loss",
+                         "--intermediate-size", 32, "--kv-heads", 1, "--hidden-size", 24, "--calibration-samples", 4,
+                         "--calibration-length", 32, "--no-progress", "--output", out) == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["widths"] == {"intermediate_size": [64, 32], "num_key_value_heads": [2, 1],
+                                "num_attention_heads": [4, 2], "hidden_size": [32, 24]}
+    assert 0 < report["calibration_tokens"] <= 4 * 32 and len(report["layer_scores"]) == 4
+    student = load(out)
+    c = student.config
+    assert (c.num_hidden_layers, c.intermediate_size, c.num_key_value_heads, c.num_attention_heads, c.hidden_size,
+            c.head_dim) == (3, 32, 1, 2, 24, 8)
+    assert parameter_count(student) == report["parameters"][1]
+    generated = student.generate(INPUT, attention_mask=torch.ones_like(INPUT), max_new_tokens=3, do_sample=False)
+    assert generated.shape == (1, INPUT.shape[1] + 3)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--intermediate-size", 4000), "student.prune.intermediate_size: 4000 is more than the model's 64 MLP neurons"),
+    (("--kv-heads", 3), "student.prune.num_key_value_heads: 3 is more than the model's 2 KV heads"),
+    (("--calibration-samples", 0), "student.prune.calibration_samples"),
+    (("--method", "removal_loss", "--keep-last", "--layers", 1), "student.keep_layers: 1 is fewer than"),
+])
+def test_init_student_bad_pruning_writes_nothing(tiny_model_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "student"
+    layers = () if "--layers" in args else ("--layers", 2)
+    assert _init_student("--teacher", tiny_model_dir, *layers, *args, "--no-progress", "--output", out) == 2
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("kdlm: error: " + message)
