@@ -4,7 +4,8 @@
     python benchmarks/on_policy_methods.py --budget 30 --eval-limit 8   # smoke test (figures not representative)
     python benchmarks/on_policy_methods.py --json             # the same, the results object as the last stdout line
     python benchmarks/on_policy_methods.py --methods off_policy_fkl,fkl_hint,fkl_relation \
-        --prune-method block_influence --budget 150 --out benchmarks/results/feature_methods \
+        --student '{"keep_layers": 15, "prune": {"method": "block_influence"}}' \
+        --budget 150 --out benchmarks/results/feature_methods \
         --title "Logit, hint and attention-relation terms at an equal wall-clock budget (CPU, bundled teacher)"
 
 Teacher: the bundled SmolLM2-135M-Instruct. Student: 10 of its 30 layers (the quickstart's initialisation), fresh
@@ -19,8 +20,9 @@ the last), so each gets the same wall time whatever its cost per step.
     minillm         source student, teacher_mix 0.2, reverse_kl + pg (clip 0.2, length-normalised) on samples,
                     ce on the dataset's answers (weight 0.5: MiniLLM's lm term, source.data_rows)
     taid            source static,  taid (t from 0.4, alpha 5e-4, momentum 0.99)
-    fkl_hint        source static,  forward_kl + hint (layer map kept, normalised_mse, weight 1)
-    fkl_relation    source static,  forward_kl + attention_relation (kept, qq/kk/vv, 3 relation heads, weight 1)
+    fkl_hint        source static,  forward_kl + hint (layer map kept: every student layer to the teacher layer it
+                    was copied from; normalised_mse; weight 1)
+    fkl_relation    source static,  forward_kl + attention_relation (kept; qq/kk/vv over 3 relation heads; weight 1)
 
 Reported per method: steps done in the budget, held-out CE and KL to the teacher (kdlm's validation at the end,
 the teacher's answers of the 36 held-out prompts), and SelfInst ROUGE-L from `kdlm eval` on the first
@@ -63,7 +65,7 @@ METHODS = {
     "taid": {"loss": {"terms": [{"name": "taid"}]}},
     # feature terms (docs/concepts/features.md) on top of the same forward KL, layer map `kept`
     "fkl_hint": {"loss": {"terms": [{"name": "forward_kl"},
-                                    {"name": "hint", "weight": 1.0, "layers": "kept", "metric": "normalised_mse"}]}},
+                                    {"name": "hint", "weight": 1.0, "metric": "normalised_mse", "layers": "kept"}]}},
     "fkl_relation": {"loss": {"terms": [{"name": "forward_kl"},
                                         {"name": "attention_relation", "weight": 1.0, "layers": "kept"}]}},
 }
@@ -76,13 +78,13 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def train(method: str, data: Path, workdir: Path, budget: float, prune_method: str = "uniform") -> dict:
-    """One method, in this process; returns its run figures."""
+def train(method: str, data: Path, workdir: Path, budget: float, student: dict | None = None) -> dict:
+    """One method, in this process; returns its run figures. `student`: fields replacing BASE's student ones."""
     from kdlm.config import Recipe, from_dict
     from kdlm.training import distill
 
     raw = _merge(BASE, METHODS[method])
-    raw["student"]["prune"] = {"method": prune_method}
+    raw["student"].update(student or {})
     raw["data"]["train"] = str(data)
     raw["train"]["max_seconds"] = budget
     raw["output"] = {"dir": str(workdir / method), "overwrite": True}
@@ -169,8 +171,9 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, default=64, help="SelfInst items for kdlm eval (default 64)")
     parser.add_argument("--methods", default="off_policy_fkl,gkd,minillm,taid", help="comma-separated subset of "
                         + ", ".join(METHODS))
-    parser.add_argument("--prune-method", default="uniform", help="student.prune.method of the 10-layer student "
-                        "(uniform: the old quickstart's; block_influence: the new one)")
+    parser.add_argument("--student", type=json.loads, default=None, help="JSON of student fields replacing the "
+                        "10-layer uniform student's, e.g. the quickstart's width-pruned one: "
+                        "'{\"keep_layers\": 15, \"prune\": {\"method\": \"block_influence\"}}'")
     parser.add_argument("--title", default="On-policy methods at an equal wall-clock budget (CPU, bundled teacher)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/kdlm-on-policy-methods"))
     parser.add_argument("--out", type=Path, default=RESULTS / "on_policy_methods", help="results path without suffix")
@@ -189,7 +192,7 @@ def main() -> None:
             runs.append(reuse(method, args.workdir))
             continue
         print(f"[on_policy_methods] {method}: training for {args.budget:.0f} s", file=sys.stderr, flush=True)
-        runs.append(train(method, teacher_answers(show_progress=False), args.workdir, args.budget, args.prune_method))
+        runs.append(train(method, teacher_answers(show_progress=False), args.workdir, args.budget, args.student))
     if args.eval_dirs:
         def rouge(label: str):  # None when no folder holds this model's scores (its eval did not finish)
             found = [Path(d) / label / "selfinst" / "metrics.json" for d in args.eval_dirs]
@@ -208,7 +211,7 @@ def main() -> None:
             r["rougeL"], r["retention"] = rouge_of(summary, r["method"])  # the run folder is named after the method
     report = {"date": utc_now(), "machine": machine_info(), "versions": versions("torch", "transformers", "kdlm"),
               "budget_s": args.budget, "eval_limit": args.eval_limit, "title": args.title,
-              "student_prune_method": args.prune_method, "wall_s": time.perf_counter() - started,
+              "student": {**BASE["student"], **(args.student or {})}, "wall_s": time.perf_counter() - started,
               "teacher": {"rougeL": teacher_rouge, "teacher_ce": runs[0]["teacher_ce"]},
               "before": {"ce": runs[0]["val_ce_before"], "kl": runs[0]["val_kl_before"]},
               "methods": [{k: v for k, v in r.items() if k != "recipe"} for r in runs],

@@ -48,7 +48,8 @@ def run(name: str, steps: int | None, workdir: Path, extra: list[str]) -> dict:
     spec = CONSTRUCTIONS[name]
     overrides = [f"data.train={teacher_answers(show_progress=False)}", f"output.dir={workdir / name}",
                  f"student.keep_layers={json.dumps(spec['keep_layers'])}", "train.save_every=0", "train.report_to=[]"]
-    overrides += [f"student.prune.{k}={v}" for k, v in spec["prune"].items()]
+    widths = {"intermediate_size": None, "num_key_value_heads": None, "hidden_size": None}  # the recipe's own: off
+    overrides += [f"student.prune.{k}={json.dumps(v)}" for k, v in {**widths, **spec["prune"]}.items()]
     if steps:
         overrides.append(f"train.max_steps={steps}")
     recipe = load_recipe(recipe_path(), overrides + extra)
@@ -95,9 +96,11 @@ def main() -> None:
     parser.add_argument("--set", dest="extra", action="append", default=[], help="more recipe overrides")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/kdlm-student-init"))
     parser.add_argument("--out", type=Path, default=RESULTS / "student_init", help="results path without suffix")
+    parser.add_argument("--merge", type=Path, nargs="*", default=[],
+                        help="earlier results JSON files (same script, same machine) whose runs join the table")
     args = parser.parse_args()
     started = time.perf_counter()
-    runs = []
+    runs = [r for path in args.merge for r in json.loads(path.read_text())["runs"]]
     for name in args.only.split(","):
         print(f"[student_init] {name}", file=sys.stderr, flush=True)
         runs.append(run(name, args.steps, args.workdir, args.extra))

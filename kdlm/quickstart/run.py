@@ -4,7 +4,8 @@
    (`prompts.jsonl`) through `kdlm generate`'s `responses` pipeline (transformers backend,
    batched greedy generation); the dataset folder is cached, keyed by the prompts, the
    teacher and the generation settings.
-2. `recipes/quickstart.yaml` distils the teacher into a 10-of-30-layer student on them.
+2. `recipes/quickstart.yaml` distils the teacher into 15 of its 30 layers, chosen by block influence
+   (81.4M of 134.5M parameters), on them.
 3. A table compares initial student, distilled student and teacher on the held-out
    split (CE, KL to teacher, top-1 agreement), with sample answers side by side.
 """
@@ -27,9 +28,9 @@ from kdlm.data import prepare_data, read_rows
 from kdlm.evaluation.metrics import repeated_ngram_share
 from kdlm.models import bundled
 from kdlm.models.generate import generate_chat
-from kdlm.models.init_student import keep_layers
 from kdlm.models.loading import load_model, load_tokenizer, resolve_source
 from kdlm.training import distill
+from kdlm.training.trainer import build_student
 from kdlm.training.checkpoint import atomic_write_text
 
 TEACHER = "smollm2-135m-instruct"
@@ -84,11 +85,11 @@ def run_quickstart(output: Path, *, overrides: list[str] = (), show_progress: bo
     # sample answers of the three models on held-out prompts
     source = resolve_source(TEACHER)
     tokenizer = load_tokenizer(source)
-    _, val_set, _ = prepare_data(recipe.data, tokenizer, seed=recipe.train.seed)
+    train_set, val_set, _ = prepare_data(recipe.data, tokenizer, seed=recipe.train.seed)
     teacher_model = load_model(source, dtype=torch.float32, device=torch.device("cpu"), frozen=True)
     teacher_self = {"ce": result.after["teacher_ce"], "kl_to_teacher": 0.0, "top1_agreement": 1.0}
     initial = copy.deepcopy(teacher_model)
-    keep_layers(initial, result.kept_layers)  # the layers the run chose (student.prune.method)
+    build_student(recipe, initial, train_set + val_set)  # the same cut as the run's (same calibration rows)
     distilled = load_model(resolve_source(str(result.model_dir)), dtype=torch.float32, device=torch.device("cpu"), frozen=True)
 
     table = {"initial student": result.before, "distilled student": result.after, "teacher": teacher_self}
@@ -119,8 +120,9 @@ def render_report(table: dict, questions: list[str], samples: dict, seconds: flo
         lines.append(f"| {name} | {m['ce']:.3f} | {m['kl_to_teacher']:.3f} | {m['top1_agreement']:.1%} |")
     lines += ["", "Lower CE and KL are better; the teacher's KL to itself is 0 by definition."]
     if kept:
-        lines += [f"The student started as layers {', '.join(map(str, kept))} of the teacher's "
-                  f"(student.prune.method; see the model card)."]
+        layers = "all of the teacher's layers" if kept == list(range(len(kept))) and len(kept) > 1 else \
+            f"layers {', '.join(map(str, kept))} of the teacher's"
+        lines += [f"The student started as {layers}, pruned as student.prune says (see its model card)."]
     if repetition:
         shares = ", ".join(f"{name} {share:.1%}" if share is not None else f"{name} n/a" for name, share in repetition.items())
         lines += [f"Repeated 4-grams in the answers to the {prompts} held-out prompts (lower is better): {shares}."]

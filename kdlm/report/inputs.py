@@ -284,11 +284,17 @@ def describe_method(recipe: dict[str, Any]) -> str:
     text = " + ".join(parts) if parts else "unknown objective"
     if len(temps) == 1 and None not in temps:
         text += f" (T={_g(next(iter(temps)))})"
-    keep = (recipe.get("student") or {}).get("keep_layers")
+    student = recipe.get("student") or {}
+    keep, prune = student.get("keep_layers"), student.get("prune") or {}
+    method = prune.get("method") if isinstance(prune, dict) and prune.get("method") not in (None, "uniform") else None
     if isinstance(keep, int) and not isinstance(keep, bool):
-        text += f"; {keep} layers kept"
+        text += f"; {keep} layers kept" + (f" by {method}" if method else "")
     elif isinstance(keep, list):
         text += f"; layers {','.join(str(k) for k in keep)} kept"
+    widths = [f"{label} {prune[key]}" for key, label in (("intermediate_size", "MLP"), ("num_key_value_heads", "KV"),
+                                                        ("hidden_size", "hidden")) if isinstance(prune, dict) and prune.get(key)]
+    if widths:
+        text += f"; width {', '.join(widths)}"
     return text
 
 

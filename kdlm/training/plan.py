@@ -71,8 +71,9 @@ class Plan:
     suggestions: list[str] = field(default_factory=list)
 
 
-def model_shape(name: str, gguf_file: Optional[str] = None, keep_layers: Any = None) -> ModelShape:
-    """Shape of a model from its config and safetensors headers, without loading weights."""
+def model_shape(name: str, gguf_file: Optional[str] = None, keep_layers: Any = None, prune: Any = None) -> ModelShape:
+    """Shape of a model from its config and safetensors headers, without loading weights; with `keep_layers`
+    and a `prune` config (student.prune), the shape of the student cut from it."""
     from transformers import AutoConfig
 
     source = resolve_source(name, gguf_file)
@@ -80,19 +81,31 @@ def model_shape(name: str, gguf_file: Optional[str] = None, keep_layers: Any = N
     config = getattr(config, "text_config", None) or config
     hidden, layers = config.hidden_size, config.num_hidden_layers
     heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
-    kv_dim = getattr(config, "num_key_value_heads", heads) * head_dim
     intermediate = getattr(config, "intermediate_size", 4 * hidden)
     tied = getattr(config, "tie_word_embeddings", True)
+
+    def per_layer(hidden: int, heads: int, kv_heads: int, intermediate: int) -> int:
+        kv_dim = kv_heads * head_dim
+        return hidden * (heads * head_dim + 2 * kv_dim) + heads * head_dim * hidden + 3 * hidden * intermediate + 2 * hidden
+
     embedding = config.vocab_size * hidden * (1 if tied else 2)
-    per_layer = hidden * (hidden + 2 * kv_dim) + heads * head_dim * hidden + 3 * hidden * intermediate + 2 * hidden
     counted = _safetensors_params(Path(source.path)) if Path(source.path).is_dir() and not source.gguf_file else None
-    total = counted if counted else embedding + layers * per_layer + hidden
+    total = counted if counted else embedding + layers * per_layer(hidden, heads, kv_heads, intermediate) + hidden
     if keep_layers is not None:
         kept = keep_layers if isinstance(keep_layers, int) else len(keep_layers)
-        total -= (layers - kept) * per_layer
+        total -= (layers - kept) * per_layer(hidden, heads, kv_heads, intermediate)
         layers = kept
-    return ModelShape(total, embedding, layers, hidden, intermediate, kv_dim, config.vocab_size)
+    if prune is not None and any(getattr(prune, k, None) for k in ("intermediate_size", "num_key_value_heads", "hidden_size")):
+        before = layers * per_layer(hidden, heads, kv_heads, intermediate) + embedding + hidden
+        new_kv = prune.num_key_value_heads or kv_heads
+        heads, kv_heads = heads // kv_heads * new_kv, new_kv
+        intermediate = prune.intermediate_size or intermediate
+        hidden = prune.hidden_size or hidden
+        embedding = config.vocab_size * hidden * (1 if tied else 2)
+        total += layers * per_layer(hidden, heads, kv_heads, intermediate) + embedding + hidden - before
+    return ModelShape(total, embedding, layers, hidden, intermediate, kv_heads * head_dim, config.vocab_size)
 
 
 def _safetensors_params(folder: Path) -> Optional[int]:
@@ -175,7 +188,8 @@ def estimate(recipe: Recipe, *, device: Optional[torch.device] = None) -> Plan:
     needs_teacher = any(t.needs_teacher for t in terms)
     # no teacher runs with an offline cache, nor when no term needs one (its model need not even exist then)
     no_live_teacher = recipe.teacher.source == "cache" or not needs_teacher
-    student = model_shape(recipe.student.model, recipe.student.gguf_file, recipe.student.keep_layers)
+    student = model_shape(recipe.student.model, recipe.student.gguf_file, recipe.student.keep_layers,
+                          recipe.student.prune)
     # without a teacher the student's shape stands in for it where only the shared vocabulary is read
     teacher = model_shape(recipe.teacher.model, recipe.teacher.gguf_file) if needs_teacher else student
     mixed = recipe.train.mixed_precision

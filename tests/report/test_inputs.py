@@ -129,6 +129,10 @@ def test_run_folder_bad_yaml_and_final(tmp_path):
 
 @pytest.mark.parametrize("recipe, text", [
     (RECIPE, "0.9·forward_kl + 0.1·ce (T=2); 10 layers kept"),
+    ({**RECIPE, "student": {"keep_layers": 10, "prune": {"method": "block_influence"}}},
+     "0.9·forward_kl + 0.1·ce (T=2); 10 layers kept by block_influence"),
+    ({**RECIPE, "student": {"prune": {"method": "uniform", "intermediate_size": 704, "num_key_value_heads": 2}}},
+     "0.9·forward_kl + 0.1·ce (T=2); width MLP 704, KV 2"),
     ({"loss": {"terms": [{"name": "reverse_kl", "weight": 1.0, "temperature": 1.5}]}}, "reverse_kl (T=1.5)"),
     ({"loss": [{"name": "jsd", "weight": 1.0}], "student": {"keep_layers": [0, 5, 9]}}, "jsd(β=0.5) (T=1); layers 0,5,9 kept"),
     ({"loss": {"terms": [{"name": "skew_forward_kl", "weight": 0.5, "skew": 0.2, "temperature": 2},

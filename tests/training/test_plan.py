@@ -55,3 +55,28 @@ def test_model_shape_counts_parameters_from_safetensors(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     unique = {id(p): p for p in model.parameters()}.values()
     assert planner.model_shape(str(tiny_model_dir)).params == sum(p.numel() for p in unique)
+
+
+def test_model_shape_of_a_pruned_student_matches_the_pruned_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from kdlm.config.schema import PruneConfig
+    from kdlm.models.init_student import parameter_count
+    from kdlm.models.prune import prune_student
+
+    cfg = PruneConfig(intermediate_size=40, num_key_value_heads=1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    prune_student(model, 3, cfg, [[1, 2, 3, 4, 5, 6]] * 2)
+    shape = planner.model_shape(str(tiny_model_dir), keep_layers=3, prune=cfg)
+    assert shape.params == parameter_count(model)
+    assert (shape.layers, shape.intermediate) == (3, 40)
+
+
+def test_feature_terms_have_their_own_memory_line(recipe_file, quiet_matmul):
+    logit = planner.estimate(load_recipe(recipe_file))
+    assert "feature terms (hint / attention)" not in logit.memory_mb
+    one = planner.estimate(load_recipe(recipe_file, ["loss.terms=[{name: forward_kl}, {name: hint, layers: [[1, 3]]}]"]))
+    both = planner.estimate(load_recipe(recipe_file, ["loss.terms=[{name: forward_kl}, {name: hint}, "
+                                                      "{name: attention_relation, relation_heads: 2}]"]))
+    assert 0 < one.memory_mb["feature terms (hint / attention)"] < both.memory_mb["feature terms (hint / attention)"]
+    assert both.total_mb > one.total_mb > logit.total_mb
