@@ -90,9 +90,10 @@ class Teacher:
         self.attention_layers = tuple(attention_layers)
 
     @torch.no_grad()
-    def rows(self, inputs: dict[str, Tensor], mask: Tensor) -> TeacherRows:
-        """The teacher's hidden states at the counted positions (`mask` [B, L-1])."""
-        if not self.hidden_layers and not self.attention_layers:
+    def rows(self, inputs: dict[str, Tensor], mask: Tensor, *, features: bool = True) -> TeacherRows:
+        """The teacher's hidden states at the counted positions (`mask` [B, L-1]); with `features`, also the
+        mapped layers' (validation needs only the last)."""
+        if not features or (not self.hidden_layers and not self.attention_layers):
             return TeacherRows(last_hidden(self.model, inputs)[:, :-1][mask], self.head)  # [N, H_teacher]
         from kdlm.models.capture import FeatureCapture
 
@@ -105,11 +106,11 @@ class Teacher:
     @torch.no_grad()
     def logits(self, inputs: dict[str, Tensor], mask: Tensor) -> Tensor:
         """Teacher logits at the counted positions: [N, V] fp32 (the unfused path)."""
-        rows = self.rows(inputs, mask)
+        rows = self.rows(inputs, mask, features=False)
         return rows.head.logits(rows.hidden)
 
 
-def teacher_signal(teacher, batch: dict) -> Union[TeacherRows, SparseTeacher]:
+def teacher_signal(teacher, batch: dict, *, features: bool = True) -> Union[TeacherRows, SparseTeacher]:
     """The teacher's signal for `batch` at its counted positions: a live teacher's hidden states,
     or an offline cache's top-k log-probs looked up by sample id.
 
@@ -120,8 +121,8 @@ def teacher_signal(teacher, batch: dict) -> Union[TeacherRows, SparseTeacher]:
     if isinstance(teacher, Teacher):
         if "teacher_input_ids" in batch:
             inputs = {"input_ids": batch["teacher_input_ids"], "attention_mask": batch["teacher_attention_mask"]}
-            return teacher.rows(inputs, counted_positions(batch["teacher_labels"])[0])
-        return teacher.rows(model_inputs(batch), counted_positions(batch["labels"])[0])
+            return teacher.rows(inputs, counted_positions(batch["teacher_labels"])[0], features=features)
+        return teacher.rows(model_inputs(batch), counted_positions(batch["labels"])[0], features=features)
     return teacher.signal(batch["sample_ids"], batch["labels"], device=batch["labels"].device)
 
 

@@ -61,7 +61,7 @@ def validate(
         signal = None
         if teacher is not None:
             with teacher_autocast(accelerator) if accelerator else contextlib.nullcontext():
-                signal = teacher_signal(teacher, batch)  # live: hidden states [N, H_t]; cache: top-k log-probs
+                signal = teacher_signal(teacher, batch, features=False)  # live: hidden states [N, H_t]; cache: top-k
         with accelerator.autocast() if accelerator else contextlib.nullcontext():
             hidden = last_hidden(student, model_inputs(batch))[:, :-1][mask]  # [N, H]
         if "negative" in batch:  # rejected completions are not references: keep the positive tokens only

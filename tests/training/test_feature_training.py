@@ -115,3 +115,21 @@ def test_bad_feature_settings_fail_before_weights_load(recipe_file, overrides, m
 def test_feature_terms_with_a_cached_teacher_are_a_config_error(recipe_file):
     with pytest.raises(ConfigError, match="hint compares the teacher's internals.*teacher.source: live"):
         load_recipe(recipe_file, ["loss.terms=[{name: hint}]", "teacher.source=cache"])
+
+
+def test_the_teacher_captures_only_the_mapped_layers_and_only_when_asked(sharp_teacher_dir):
+    from transformers import AutoModelForCausalLM
+
+    from kdlm.training.step import Teacher
+
+    model = AutoModelForCausalLM.from_pretrained(sharp_teacher_dir).eval()
+    teacher = Teacher(model, 448, hidden_layers=[1, "final"], attention_layers=[2])
+    ids = torch.randint(0, 448, (2, 7))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    rows = teacher.rows({"input_ids": ids}, mask)
+    assert sorted(rows.features, key=str) == [1, "final"] and list(rows.qkv) == [2]
+    assert rows.features[1].shape == (12, 32) and not rows.features[1].requires_grad
+    torch.testing.assert_close(rows.features["final"], rows.hidden)  # the final norm's output is the LM head's input
+    plain = teacher.rows({"input_ids": ids}, mask, features=False)  # validation: the last hidden state only
+    assert plain.features == {} and plain.qkv == {}
+    torch.testing.assert_close(plain.hidden, rows.hidden, rtol=0, atol=0)
