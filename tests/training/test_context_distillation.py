@@ -84,7 +84,7 @@ def test_distill_with_a_teacher_chat(recipe_file, make_jsonl, monkeypatch, tiny_
     data = make_jsonl(_rows(30, demonstrations=True), name="context.jsonl")
     seen = []  # what each teacher forward read: its first row, decoded
     real_rows = step.Teacher.rows
-    monkeypatch.setattr(step.Teacher, "rows", lambda self, inputs, mask: seen.append(
+    monkeypatch.setattr(step.Teacher, "rows", lambda self, inputs, mask, **kwargs: seen.append(
         tiny_tokenizer.decode(inputs["input_ids"][0])) or real_rows(self, inputs, mask))
     recipe = load_recipe(recipe_file, [f"data.train={data}", "data.teacher_messages_field=teacher_messages",
                                        "data.max_length=160", "train.max_steps=3", "train.save_every=0"])
