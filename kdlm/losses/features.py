@@ -30,16 +30,14 @@ checkpoint holds them, and the export saves only the student (DistillKit saved t
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdlm.errors import ConfigError
-
-LayerRef = Union[int, str]
-NAMED_REFS = ("embeddings", "final")
+from kdlm.models.capture import NAMED_REFS, LayerRef  # one definition of a layer ref, shared with the capture
 HINT_METRICS = ("mse", "normalised_mse", "cosine")
 EPS = 1e-6
 
