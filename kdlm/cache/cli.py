@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
 
 def add_cache_parser(subparsers) -> argparse.ArgumentParser:
@@ -31,6 +32,8 @@ def add_cache_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--from-logprobs", action="store_true",
                    help="grey-box KD: build the cache from the top-k log-probs that `kdlm generate` (generate.logprobs) "
                         "stored in the data rows (an API or vLLM teacher), without loading the teacher's weights")
+    p.add_argument("--teacher", default=None, metavar="NAME",
+                   help="multi-teacher recipes (teachers:): cache the teacher of this name (default: the first)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -40,7 +43,23 @@ def run_cache_command(args: argparse.Namespace) -> int:
     from kdlm.cache.capture import capture_teacher
     from kdlm.config import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = single_teacher(load_recipe(args.recipe, args.overrides), args.teacher)
     capture_teacher(recipe, show_progress=not args.no_progress, batch_size=args.batch_size,
                     shard_rows=args.shard_rows, from_logprobs=args.from_logprobs)
     return 0
+
+
+def single_teacher(recipe, name: Optional[str]):
+    """The recipe as seen by one of its teachers (`teachers:` by name; the first when None)."""
+    import dataclasses
+
+    from kdlm.errors import ConfigError
+
+    if not recipe.multi_teacher:
+        if name is not None:
+            raise ConfigError(f"--teacher {name}: the recipe has a single teacher (no `teachers:` list)")
+        return recipe
+    names = recipe.teacher_names()
+    if name is not None and name not in names:
+        raise ConfigError(f"--teacher {name}: no teacher of that name; the recipe's teachers are {', '.join(names)}")
+    return dataclasses.replace(recipe, teacher=recipe.teachers[names.index(name) if name else 0], teachers=[])

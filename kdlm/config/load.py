@@ -233,7 +233,12 @@ def config_reference() -> str:
             section(inner, p)
 
     for f in dataclasses.fields(Recipe):
-        section(typing.get_type_hints(Recipe)[f.name], f"{f.name}.")
+        tp = typing.get_type_hints(Recipe)[f.name]
+        if typing.get_origin(tp) is list:  # a list of sections (teachers:)
+            lines.extend([f"`{f.name}`: {f.metadata.get('help', '')}", ""])
+            section(typing.get_args(tp)[0], f"{f.name}[].")
+        else:
+            section(tp, f"{f.name}.")
     from kdlm.config.generation import GenerateRecipe
 
     lines += ["# Generation recipes", "",

@@ -22,7 +22,11 @@ DIVERGENCE_TERM_NAMES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward
 # Feature terms (kdlm.losses.features, kdlm.losses.attention) compare internals of a live teacher and the student:
 # hint: hidden states; attention_relation: MiniLM-v2 Q-Q / K-K / V-V relations; attention_score: TinyBERT's scores.
 FEATURE_TERM_NAMES = ("hint", "attention_relation", "attention_score")
-TERM_NAMES = STUDENT_TERM_NAMES + DIVERGENCE_TERM_NAMES + FEATURE_TERM_NAMES
+# Cross-tokenizer terms (kdlm.losses.cross_tokenizer) compare the two models over byte-aligned chunks of the same
+# text (kdlm.data.alignment), so the tokenizers may differ: alm (approximate likelihood matching), uld.
+CROSS_TOKENIZER_TERM_NAMES = ("alm", "uld")
+TERM_NAMES = STUDENT_TERM_NAMES + DIVERGENCE_TERM_NAMES + FEATURE_TERM_NAMES + CROSS_TOKENIZER_TERM_NAMES
+TEACHER_POOLINGS = ("mixture", "geometric", "min_ce", "domain")  # multi-teacher (kdlm.losses.multi_teacher)
 LAYER_MAPS = ("proportional", "kept", "tinybert")  # named layer maps (kdlm.losses.features.layer_pairs)
 LayerRef = Union[int, str]  # a decoder layer's output, or "embeddings" / "final" (the final norm's output)
 
@@ -62,6 +66,12 @@ class TeacherConfig:
     cache_top_k: int = opt(64, "Log-probabilities kept per position in the cache (the rest is one tail bucket).", ge=1, le=1024)
     cache_temperature: float = opt(1.0, "Temperature at which the cache stores the teacher's distribution; "
                                    "divergence terms must use the same temperature.", gt=0.0)
+    name: Optional[str] = opt(None, "Multi-teacher (`teachers:`): this teacher's name in the logs, e.g. "
+                              "loss/forward_kl@math. null: teacher_<index>.")
+    weight: float = opt(1.0, "Multi-teacher: this teacher's weight w_k in the pooling (mixture, geometric); the "
+                        "weights are normalised to sum to 1.", gt=0.0)
+    domains: list[str] = opt([], "Multi-teacher, loss.teacher_pooling: domain: the data.domain_field values this "
+                             "teacher teaches (each domain belongs to exactly one teacher).")
 
 
 @dataclass
@@ -223,6 +233,10 @@ class LossTerm:
     relation_heads: Optional[int] = opt(
         None, "attention_relation: relation heads the q / k / v vectors are re-split into; must divide both models' "
         "query and key/value widths. null: the smaller KV head count of the two models.", ge=1)
+    tau: float = opt(100.0, "alm: temperature of the binarised chunk likelihoods exp(log p(chunk) / tau) (tokenkit's "
+                     "default 100: a higher tau compares long, unlikely chunks on a softer scale).", gt=0.0)
+    divergence: Literal["kl", "reverse_kl", "tvd"] = opt(
+        "kl", "alm: the binarised f-divergence between the teacher's and the student's chunk likelihoods.")
 
 
 @dataclass
@@ -244,6 +258,13 @@ class LossConfig:
                                    "null: no clipping.", gt=0.0)
     pg_length_normalise: bool = opt(True, "pg: divide each return R_{t+1} by the number of tokens it sums over "
                                     "(MiniLLM's length normalisation).")
+    teacher_pooling: Literal["mixture", "geometric", "min_ce", "domain"] = opt(
+        "mixture", "Multi-teacher (`teachers:`): how the teachers' signals combine. Each divergence term becomes one "
+        "term per teacher, logged as <term>@<teacher>. mixture: sum_k w_k D(p_k, q) (with forward_kl: the KL to the "
+        "arithmetic mixture sum_k w_k p_k, up to a constant); geometric: sum_k w_k KL(q || p_k) = the reverse KL to "
+        "the normalised geometric mean prod_k p_k^w_k, up to a constant (reverse_kl terms only); min_ce: per "
+        "example, only the teacher with the lowest cross-entropy on the example's reference tokens (FuseLLM's "
+        "MinCE); domain: per example, the teacher whose `domains` list the example's data.domain_field value.")
     feature_chunk_rows: int = opt(
         128, "Attention terms: query rows per chunk, so no [batch, heads, L, L] tensor exists for the whole sequence.",
         ge=1)
@@ -364,6 +385,10 @@ class Recipe:
     """A whole distillation run."""
 
     teacher: TeacherConfig = field(default_factory=TeacherConfig, metadata={"help": "The teacher model."})
+    teachers: list[TeacherConfig] = opt(
+        [], "Multi-teacher KD: several teachers, each a teacher section with a name and weight, live or cached, "
+        "pooled by loss.teacher_pooling. When given, `teacher` is the first of them (it is what validation "
+        "compares against). [] or one entry: the single `teacher`.")
     student: StudentConfig = field(default_factory=StudentConfig, metadata={"help": "The student model."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Training and validation data."})
     loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "The objective."})
@@ -374,10 +399,68 @@ class Recipe:
     output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "Outputs."})
 
     def __post_init__(self) -> None:
+        if self.teachers:
+            self.teacher = self.teachers[0]  # the primary teacher: validation, plan, every single-teacher path
+            self._check_teachers()
         if self.data.teacher_messages_field is not None and self.teacher.source == "cache":
             raise ConfigError("data.teacher_messages_field: context distillation needs the live teacher (a cache "
                               "holds its signal on the student's input); set teacher.source: live")
         self._check_sources()
+
+    @property
+    def multi_teacher(self) -> bool:
+        return len(self.teachers) > 1
+
+    def teacher_names(self) -> list[str]:
+        """Each teacher's name in the logs (the single teacher: [])."""
+        if not self.multi_teacher:
+            return []
+        return [t.name or f"teacher_{i}" for i, t in enumerate(self.teachers)]
+
+    def _check_teachers(self) -> None:
+        """Multi-teacher parts that do not fit together: one line each, before any model loads."""
+        if not self.multi_teacher:
+            return
+        names = self.teacher_names()
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"teachers: the name {dupes[0]!r} is used twice; give each teacher its own name")
+        why = "multi-teacher KD (teachers:)"
+        if self.source.kind != "static":
+            raise ConfigError(f"source.kind: {self.source.kind} samples with one model; {why} trains on fixed "
+                              f"data: set source.kind: static")
+        if self.data.teacher_messages_field is not None:
+            raise ConfigError(f"data.teacher_messages_field: context distillation is single-teacher; {why} "
+                              f"reads every teacher on the student's input")
+        term_names = [t.name for t in self.loss.terms]
+        for name in term_names:
+            if name in FEATURE_TERM_NAMES or name in CROSS_TOKENIZER_TERM_NAMES:
+                raise ConfigError(f"loss.terms: {name} with {why} is not supported yet: use divergence terms "
+                                  f"({', '.join(DIVERGENCE_TERM_NAMES[:3])}, ...) or a single teacher")
+        pooling = self.loss.teacher_pooling
+        if pooling == "geometric" and any(n in DIVERGENCE_TERM_NAMES and n != "reverse_kl" for n in term_names):
+            bad = next(n for n in term_names if n in DIVERGENCE_TERM_NAMES and n != "reverse_kl")
+            raise ConfigError(f"loss.teacher_pooling: geometric is the reverse KL to the teachers' geometric mean; "
+                              f"use reverse_kl terms, not {bad} (or teacher_pooling: mixture)")
+        if pooling == "domain":
+            if self.data.packing:
+                raise ConfigError("loss.teacher_pooling: domain routes whole rows; set data.packing: false")
+            if self.data.domain_field is None:
+                raise ConfigError("loss.teacher_pooling: domain routes each example by its domain; set "
+                                  "data.domain_field to the column naming it")
+            owner: dict[str, str] = {}
+            for name, t in zip(names, self.teachers):
+                if not t.domains:
+                    raise ConfigError(f"teachers[{names.index(name)}].domains: teacher_pooling: domain needs the "
+                                      f"domains {name} teaches")
+                for d in t.domains:
+                    if d in owner:
+                        raise ConfigError(f"teachers[{names.index(name)}].domains: domain {d!r} already belongs "
+                                          f"to {owner[d]}")
+                    owner[d] = name
+        caches = [t.cache_dir for t in self.teachers if t.source == "cache"]
+        if len(caches) > 1 and (None in caches or len(set(caches)) < len(caches)):
+            raise ConfigError("teachers[].cache_dir: each cached teacher needs its own cache folder")
 
     def _check_sources(self) -> None:
         """Method parts that do not fit together: one line each, before any model loads."""
@@ -420,6 +503,24 @@ class Recipe:
         if self.schedule.ddk_every and self.teacher.source == "cache":
             raise ConfigError("schedule.ddk_every: DDK needs the teacher's per-domain CE, which a top-k cache cannot "
                               "give; set teacher.source: live")
+        cross = [t.name for t in self.loss.terms if t.name in CROSS_TOKENIZER_TERM_NAMES]
+        if cross:
+            divergences = [t.name for t in self.loss.terms if t.name in DIVERGENCE_TERM_NAMES + FEATURE_TERM_NAMES]
+            if divergences:
+                raise ConfigError(f"loss.terms: {divergences[0]} compares both models token by token, which a "
+                                  f"cross-tokenizer run ({cross[0]}) cannot; keep {cross[0]} and ce terms only")
+            if self.teacher.source == "cache":
+                raise ConfigError(f"loss.terms: {cross[0]} needs the live teacher (teacher.source: live); the "
+                                  f"offline top-k cache holds the teacher's signal in its own tokens only")
+            if self.data.packing:
+                raise ConfigError(f"loss.terms: {cross[0]} aligns each example on its own, before packing; set "
+                                  f"data.packing: false")
+            if self.data.teacher_messages_field is not None:
+                raise ConfigError(f"loss.terms: {cross[0]}: the teacher reads the student's text, aligned by "
+                                  f"bytes; context distillation (data.teacher_messages_field) is not supported")
+            if sampled:
+                raise ConfigError(f"loss.terms: {cross[0]} aligns the data's fixed text; source.kind: "
+                                  f"{self.source.kind} samples new text: use source.kind: static")
         features = [t.name for t in self.loss.terms if t.name in FEATURE_TERM_NAMES]
         if features and self.teacher.source == "cache":
             raise ConfigError(f"loss.terms: {features[0]} compares the teacher's internals, which an offline top-k "

@@ -33,6 +33,12 @@ class Example:
     # ... and, when the objective needs them, per-token log-probs of each sampled token (aligned with input_ids,
     # 0.0 on the prompt): of the proposal it was drawn from, and of the untempered student and teacher then.
     sample_logprobs: Optional[dict[str, list[float]]] = None
+    # Multi-teacher, loss.teacher_pooling: domain: the index of the teacher the row's domain is routed to.
+    route: Optional[int] = None
+    # Cross-tokenizer terms (kdlm.data.alignment): per token, the index of its counted byte-aligned chunk, or -1;
+    # student_chunk runs along input_ids, teacher_chunk along teacher_input_ids (the teacher's tokens of the text).
+    student_chunk: Optional[list[int]] = None
+    teacher_chunk: Optional[list[int]] = None
 
     @property
     def prompt_length(self) -> int:
@@ -146,7 +152,10 @@ class Collator:
     - token_weights [B, L] fp32: the loss weight of the example each token belongs to (some weight != 1);
     - negative [B, L] bool: the token belongs to a negative example (some example is negative);
     - teacher_input_ids, teacher_labels, teacher_attention_mask [B, L_t]: the teacher's own input
-      (context distillation), padded like the student's.
+      (context distillation, or its own tokens of the text in a cross-tokenizer run), padded like the student's;
+    - student_chunk [B, L], teacher_chunk [B, L_t] long: cross-tokenizer chunk ids, made unique across the batch
+      (row r's ids are offset by the counted chunks of rows before it), -1 outside counted chunks;
+    - teacher_route [B, L] long: multi-teacher domain routing, the teacher index of each row.
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8):
@@ -176,6 +185,10 @@ class Collator:
             out["negative"] = self._per_token(batch, width, torch.bool, lambda weight, negative: negative)
         if any(ex.teacher_input_ids is not None for ex in batch):
             out.update(self._teacher_inputs(batch))
+        if any(ex.route is not None for ex in batch):
+            out["teacher_route"] = self._per_row(batch, width, torch.long, lambda ex: ex.route)
+        if any(ex.student_chunk is not None for ex in batch):
+            out.update(self._chunks(batch, width, out["teacher_input_ids"].shape[1]))
         if any(ex.sampled for ex in batch):
             out["sampled"] = self._per_row(batch, width, torch.bool, lambda ex: ex.sampled)
             keys = sorted({k for ex in batch for k in (ex.sample_logprobs or {})})
@@ -216,6 +229,21 @@ class Collator:
             for start, end, weight, negative in ex.spans():
                 out[row, start:end] = value(weight, negative)
         return out
+
+    @staticmethod
+    def _chunks(batch: list[Example], width: int, teacher_width: int) -> dict:
+        """Cross-tokenizer chunk ids per token, offset per row so that they are unique in the batch."""
+        student = torch.full((len(batch), width), -1, dtype=torch.long)
+        teacher = torch.full((len(batch), teacher_width), -1, dtype=torch.long)
+        offset = 0
+        for row, ex in enumerate(batch):
+            if ex.student_chunk is None or ex.teacher_chunk is None:
+                raise ValueError(f"{ex.sample_id}: a batch mixes aligned and unaligned examples")
+            s, t = torch.tensor(ex.student_chunk, dtype=torch.long), torch.tensor(ex.teacher_chunk, dtype=torch.long)
+            student[row, : len(s)] = torch.where(s >= 0, s + offset, s)
+            teacher[row, : len(t)] = torch.where(t >= 0, t + offset, t)
+            offset += int(s.max().item()) + 1 if len(s) and s.max() >= 0 else 0
+        return {"student_chunk": student, "teacher_chunk": teacher}
 
     def _teacher_inputs(self, batch: list[Example]) -> dict:
         if any(ex.teacher_input_ids is None for ex in batch):

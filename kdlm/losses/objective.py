@@ -37,6 +37,8 @@ from kdlm.losses.divergences import per_position_divergence
 STUDENT_TERMS = ("ce", "redi", "pg")
 # Terms on a live teacher's internals (kdlm.losses.features, kdlm.losses.attention), outside the LM-head losses.
 FEATURE_TERMS = ("hint", "attention_relation", "attention_score")
+# Terms over byte-aligned chunks of two tokenisations of the same text (kdlm.losses.cross_tokenizer).
+CROSS_TOKENIZER_TERMS = ("alm", "uld")
 
 
 @dataclass(frozen=True)
@@ -59,10 +61,18 @@ class Term:
     relations: tuple = ("qq", "kk", "vv")  # attention_relation
     relation_heads: Optional[int] = None  # attention_relation (resolved against both models' widths)
     chunk_rows: int = 128  # attention terms: query rows per chunk
+    teacher: Optional[str] = None  # multi-teacher: the teacher this term compares with (kdlm.losses.multi_teacher)
+    tau: float = 100.0  # alm: temperature of the binarised chunk likelihoods
+    divergence: str = "kl"  # alm: the binarised f-divergence
 
     @property
     def needs_teacher(self) -> bool:
         return self.name not in STUDENT_TERMS
+
+    @property
+    def is_cross_tokenizer(self) -> bool:
+        """Compared over byte-aligned chunks of two tokenisations (kdlm.losses.cross_tokenizer)."""
+        return self.name in CROSS_TOKENIZER_TERMS
 
     @property
     def is_feature(self) -> bool:
@@ -91,6 +101,8 @@ def resolve_terms(loss_cfg) -> list[Term]:
             relations=tuple(getattr(t, "relations", ("qq", "kk", "vv"))),
             relation_heads=getattr(t, "relation_heads", None),
             chunk_rows=getattr(loss_cfg, "feature_chunk_rows", 128),
+            tau=getattr(t, "tau", 100.0),
+            divergence=getattr(t, "divergence", "kl"),
         ))
     return terms
 

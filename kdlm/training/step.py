@@ -110,7 +110,34 @@ class Teacher:
         return rows.head.logits(rows.hidden)
 
 
-def teacher_signal(teacher, batch: dict, *, features: bool = True) -> Union[TeacherRows, SparseTeacher]:
+class TeacherEnsemble:
+    """Several teachers (live `Teacher`s and offline `CachedTeacher`s may mix), pooled by `pooling`
+    (kdlm.losses.multi_teacher). `primary` (the first) is what validation compares against."""
+
+    def __init__(self, members: list[tuple[str, float, object]], pooling: str):
+        self.members = members
+        self.pooling = pooling
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self.members]
+
+    @property
+    def primary(self):
+        return self.members[0][2]
+
+
+@dataclass
+class EnsembleSignal:
+    """Each teacher's signal for a batch (by name, in the ensemble's order), and for domain pooling the routed
+    teacher index of each counted token."""
+
+    signals: dict
+    pooling: str
+    route: Optional[Tensor] = None  # [N] long
+
+
+def teacher_signal(teacher, batch: dict, *, features: bool = True):
     """The teacher's signal for `batch` at its counted positions: a live teacher's hidden states,
     or an offline cache's top-k log-probs looked up by sample id.
 
@@ -118,12 +145,33 @@ def teacher_signal(teacher, batch: dict, *, features: bool = True) -> Union[Teac
     with demonstrations before the question, and its counted positions are those of `teacher_labels`.
     Each row counts the same answer tokens on both sides (checked when the data is encoded), so the
     teacher's rows line up one to one with the student's in row-major order."""
+    if isinstance(teacher, TeacherEnsemble):
+        route = batch.get("teacher_route")
+        mask = counted_positions(batch["labels"])[0]
+        return EnsembleSignal({name: teacher_signal(member, batch, features=features) for name, _, member in teacher.members},
+                              teacher.pooling, route[:, 1:][mask] if route is not None else None)
     if isinstance(teacher, Teacher):
         if "teacher_input_ids" in batch:
             inputs = {"input_ids": batch["teacher_input_ids"], "attention_mask": batch["teacher_attention_mask"]}
             return teacher.rows(inputs, counted_positions(batch["teacher_labels"])[0], features=features)
         return teacher.rows(model_inputs(batch), counted_positions(batch["labels"])[0], features=features)
     return teacher.signal(batch["sample_ids"], batch["labels"], device=batch["labels"].device)
+
+
+@torch.no_grad()
+def reference_logprobs(signal, targets: Tensor, *, chunk: int = 1024) -> Tensor:
+    """[N] fp32: a teacher's log-probability of each reference token (min_ce pooling). A live teacher's is exact
+    (its logits a chunk of rows at a time); an offline top-k cache's is exact where the token is in the top-k,
+    else the log of the tail mass (an upper bound)."""
+    if isinstance(signal, SparseTeacher):
+        hit = signal.ids == targets.unsqueeze(1)  # [N, k]
+        found = (signal.logprobs.float() * hit).sum(1)
+        return torch.where(hit.any(1), found, signal.tail_logprob.float())
+    out = []
+    for start in range(0, len(targets), chunk):
+        logits = signal.head.logits(signal.hidden[start:start + chunk])
+        out.append(torch.log_softmax(logits, -1).gather(1, targets[start:start + chunk, None]).squeeze(1))
+    return torch.cat(out) if out else torch.zeros(0, device=targets.device)
 
 
 def teacher_autocast(accelerator):
@@ -201,12 +249,52 @@ class DistillationModule(nn.Module):
         logit_terms = [t for t in self.terms if not t.is_feature]
         logit_rows = [k for k, t in enumerate(self.terms) if not t.is_feature]
         logit_coefficients = coefficients[logit_rows] if coefficients is not None else None
-        sums = self._logit_sums(hidden, teacher, targets, logit_terms, logit_coefficients) if logit_terms else {}
+        if isinstance(teacher, EnsembleSignal):
+            example = example_index(labels, position_ids)[:, 1:][mask]
+            sums = self._ensemble_sums(hidden, teacher, targets, logit_terms, logit_coefficients, example)
+        else:
+            sums = self._logit_sums(hidden, teacher, targets, logit_terms, logit_coefficients) if logit_terms else {}
         if captured is None:
             return sums
         features = self._feature_sums(captured, teacher, mask, attention_mask, position_ids, coefficients)
         total = sums.get(TOTAL_KEY, 0.0) + sum(t.weight * features[t.label] for t in self.terms if t.is_feature)
         return {**sums, **{k: v.detach() for k, v in features.items()}, TOTAL_KEY: total}
+
+    def _ensemble_sums(self, hidden: Tensor, teacher: "EnsembleSignal", targets: Tensor, terms: list[Term],
+                       coefficients: Optional[Tensor], example: Tensor) -> dict[str, Tensor]:
+        """Multi-teacher: each teacher's terms against its own signal (the student-only terms with the first),
+        times the per-example one-hot selection of min_ce / domain pooling."""
+        from kdlm.losses.multi_teacher import example_mean_ce, selection
+
+        names = list(teacher.signals)
+        chosen = None
+        if teacher.pooling in ("min_ce", "domain"):
+            _, dense = torch.unique(example, return_inverse=True)
+            ce = None
+            if teacher.pooling == "min_ce":
+                ce = torch.stack([example_mean_ce(reference_logprobs(teacher.signals[n], targets), dense,
+                                                  int(dense.max()) + 1 if len(dense) else 0) for n in names])
+            chosen = selection(teacher.pooling, example=dense, num_teachers=len(names), example_ce=ce,
+                               route=teacher.route)  # [K, N]
+        out: dict[str, Tensor] = {}
+        total = 0.0
+        dtype = torch.promote_types(self.head.weight.dtype, torch.float32)
+        for k, name in enumerate(names):
+            group = [i for i, t in enumerate(terms) if t.teacher == name or (k == 0 and not t.needs_teacher)]
+            if not group:
+                continue
+            rows = coefficients[group] if coefficients is not None else None
+            if chosen is not None:
+                rows = rows if rows is not None else torch.ones((len(group), len(targets)), dtype=dtype,
+                                                                 device=targets.device)
+                pick = torch.stack([chosen[k] if terms[i].needs_teacher else torch.ones_like(chosen[k])
+                                    for i in group]).to(rows.dtype)
+                rows = rows * pick
+            part = self._logit_sums(hidden, teacher.signals[name], targets, [terms[i] for i in group], rows)
+            total = total + part.pop(TOTAL_KEY)
+            out.update(part)
+        out[TOTAL_KEY] = total
+        return out
 
     def _logit_sums(self, hidden: Tensor, teacher, targets: Tensor, terms: list[Term],
                     coefficients: Optional[Tensor]) -> dict[str, Tensor]:

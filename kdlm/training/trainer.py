@@ -31,6 +31,7 @@ from kdlm.data import Collator, DataReport, prepare_data
 from kdlm.data.packing import pack_examples
 from kdlm.errors import ConfigError, DataError, ModelError, OutputError
 from kdlm.losses.features import FeatureProjections, ModelDims, feature_layers, resolve_feature_terms
+from kdlm.losses.multi_teacher import expand_terms
 from kdlm.losses.objective import Term, resolve_terms
 from kdlm.models.compat import shared_vocab_size
 from kdlm.models.generate import cpu_has_fast_bf16
@@ -44,7 +45,7 @@ from kdlm.training.metrics import MetricsLog, peak_memory_mb
 from kdlm.training.schedules import DomainWeights
 from kdlm.training.sources import (DomainStream, LoaderStream, SampledSource, SamplerModels, StaticSource,
                                    check_prompts, stop_ids_of)
-from kdlm.training.step import DistillationModule, Teacher, teacher_autocast
+from kdlm.training.step import DistillationModule, Teacher, TeacherEnsemble, teacher_autocast
 from kdlm.training.validate import validate
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class Tokenizers:
     student: object
     teacher_src: Optional[object]  # None: no part of the run needs the teacher
     teacher: Optional[object]
+    others: list = field(default_factory=list)  # multi-teacher: (source, tokenizer) of teachers[1:]
 
 
 @dataclass
@@ -100,7 +102,7 @@ def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[
     set_seed(cfg.seed)
     main = accelerator.is_main_process
 
-    terms = resolve_terms(recipe.loss)
+    terms = run_terms(recipe)
     if recipe.sampling.engine == "vllm" and recipe.source.kind in SAMPLED_SOURCES and not torch.cuda.is_available():
         raise ModelError("sampling.engine: vllm runs on a CUDA GPU and none is visible; use sampling.engine: kdlm")
     tokenizers = tokenizers_stage(recipe, terms)
@@ -130,8 +132,11 @@ def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[
                         num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
     module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
 
+    # several teachers: validation figures are against the first (the recipe's `teacher`)
+    validation_teacher = models.teacher.primary if isinstance(models.teacher, TeacherEnsemble) else models.teacher
+
     def run_validation(examples=None, max_batches=cfg.eval_batches) -> dict:
-        return validate(accelerator.unwrap_model(module).student, models.teacher,
+        return validate(accelerator.unwrap_model(module).student, validation_teacher,
                         val_set if examples is None else examples, collator=collator, batch_size=cfg.batch_size,
                         vocab=models.vocab, accelerator=accelerator, max_batches=max_batches,
                         chunk_bytes=recipe.loss.chunk_mb * 2**20)
@@ -187,6 +192,15 @@ def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[
 # ----------------------------------------------------------------------------- the stages
 
 
+def run_terms(recipe: Recipe) -> list[Term]:
+    """The recipe's terms, resolved; with several teachers, one copy of each divergence term per teacher."""
+    terms = resolve_terms(recipe.loss)
+    if recipe.multi_teacher:
+        terms = expand_terms(terms, recipe.teacher_names(), [t.weight for t in recipe.teachers],
+                             recipe.loss.teacher_pooling)
+    return terms
+
+
 def tokenizers_stage(recipe: Recipe, terms: list[Term]) -> Tokenizers:
     """Tokenizers first (cheap): refuse incompatible vocabularies before loading weights. A run none of whose
     parts needs the teacher (ce / redi terms on fixed data) never touches it."""
@@ -198,7 +212,22 @@ def tokenizers_stage(recipe: Recipe, terms: list[Term]) -> Tokenizers:
     teacher_tok = load_tokenizer(teacher_src, trust_remote_code=recipe.teacher.trust_remote_code)
     if teacher_tok.get_vocab() != tokenizer.get_vocab():
         shared_vocab_size(teacher_tok, tokenizer, 0, 0)  # raises with the differing tokens named
-    return Tokenizers(student_src, tokenizer, teacher_src, teacher_tok)
+    others = []
+    for i, cfg in enumerate(recipe.teachers[1:], start=1):
+        src = resolve_source(cfg.model, cfg.gguf_file, cfg.revision)
+        tok = load_tokenizer(src, trust_remote_code=cfg.trust_remote_code)
+        if tok.get_vocab() != tokenizer.get_vocab():
+            try:
+                shared_vocab_size(tok, tokenizer, 0, 0)
+            except ModelError as err:
+                raise ModelError(f"teachers[{i}] ({cfg.model}): {err}") from None
+        chats = recipe.data.format in ("messages", "auto") or recipe.data.chat_template
+        if chats and getattr(tok, "chat_template", None) != getattr(teacher_tok, "chat_template", None):
+            raise ConfigError(f"teachers[{i}] ({cfg.model}): its chat template differs from teachers[0]'s; every "
+                              f"teacher reads the student's rendered chat, so they must share one (set data.format: "
+                              f"prompt_completion or text if the rows are not chats)")
+        others.append((src, tok))
+    return Tokenizers(student_src, tokenizer, teacher_src, teacher_tok, others)
 
 
 def needs_teacher(recipe: Recipe, terms: list[Term]) -> bool:
@@ -215,6 +244,8 @@ def data_stage(recipe: Recipe, tokenizer, terms: list[Term], *, main: bool):
     if report.negative_examples and not any(t.name == "redi" for t in terms):
         raise ConfigError(f"data.negative_field marks {report.negative_examples} negative rows but no loss term "
                           f"uses them; add {{name: redi}} to loss.terms")
+    if recipe.multi_teacher and recipe.loss.teacher_pooling == "domain":
+        _route_domains(recipe, train_set + val_set)
     if recipe.source.kind in SAMPLED_SOURCES:
         check_prompts(train_set, max_new_tokens=recipe.sampling.max_new_tokens, max_length=recipe.data.max_length)
     if recipe.schedule.ddk_every:
@@ -225,6 +256,16 @@ def data_stage(recipe: Recipe, tokenizer, terms: list[Term], *, main: bool):
     if main:
         print(f"kdlm: data: {report.summary()}", flush=True)
     return train_set, val_set, report
+
+
+def _route_domains(recipe: Recipe, examples: list) -> None:
+    """Multi-teacher domain pooling: each example's teacher index, from its domain (one line if a domain has none)."""
+    owner = {d: i for i, t in enumerate(recipe.teachers) for d in t.domains}
+    for ex in examples:
+        if ex.domain not in owner:
+            raise DataError(f"{ex.sample_id}: domain {ex.domain!r} ({recipe.data.domain_field}) belongs to no "
+                            f"teacher; add it to one of teachers[].domains")
+        ex.route = owner[ex.domain]
 
 
 def models_stage(recipe: Recipe, tokenizers: Tokenizers, examples: list, *, device,
@@ -244,6 +285,9 @@ def models_stage(recipe: Recipe, tokenizers: Tokenizers, examples: list, *, devi
     student_rows = student.get_output_embeddings().weight.shape[0]
     teacher, vocab = _load_teacher(recipe, tokenizers.teacher_src, tokenizers.teacher, tokenizers.student,
                                    student_rows=student_rows, examples=examples, default_device=device)
+    if recipe.multi_teacher and teacher is not None:
+        teacher, vocab = _load_ensemble(recipe, tokenizers, teacher, vocab, student_rows=student_rows,
+                                        examples=examples, default_device=device)
     if any(t.is_feature for t in terms):
         terms = resolve_features(recipe, terms, ModelDims(student.config), ModelDims(teacher.model.config), kept)
         _, teacher.hidden_layers, _, teacher.attention_layers = (sorted(x, key=str) for x in feature_layers(terms))
@@ -398,6 +442,26 @@ def _load_teacher(recipe: Recipe, source, teacher_tokenizer, tokenizer, *, stude
                        trust_remote_code=recipe.teacher.trust_remote_code, frozen=True)
     vocab = shared_vocab_size(teacher_tokenizer, tokenizer, model.get_output_embeddings().weight.shape[0], student_rows)
     return Teacher(model, vocab), vocab
+
+
+def _load_ensemble(recipe: Recipe, tokenizers: Tokenizers, first, vocab: int, *, student_rows: int, examples: list,
+                   default_device) -> tuple[TeacherEnsemble, int]:
+    """Multi-teacher: every teacher loaded as a single one would be (live or cached), pooled by loss.teacher_pooling."""
+    import dataclasses
+
+    members = [(recipe.teacher_names()[0], recipe.teachers[0].weight, first)]
+    for i, (cfg, (src, tok)) in enumerate(zip(recipe.teachers[1:], tokenizers.others), start=1):
+        alone = dataclasses.replace(recipe, teacher=cfg, teachers=[])
+        teacher, v = _load_teacher(alone, src, tok, tokenizers.student, student_rows=student_rows, examples=examples,
+                                   default_device=default_device)
+        members.append((recipe.teacher_names()[i], cfg.weight, teacher))
+        vocab = min(vocab, v)
+    for _, _, member in members:  # every LM head compares over the same (shared) vocabulary
+        if isinstance(member, Teacher):
+            member.head = dataclasses.replace(member.head, vocab=vocab)
+    print(f"kdlm: {len(members)} teachers ({', '.join(n for n, _, _ in members)}), pooling: "
+          f"{recipe.loss.teacher_pooling}", flush=True)
+    return TeacherEnsemble(members, recipe.loss.teacher_pooling), vocab
 
 
 def _check_output_dir(out: Path, recipe: Recipe, resume: bool) -> bool:
