@@ -249,7 +249,28 @@ def estimate(recipe: Recipe, *, device: Optional[torch.device] = None) -> Plan:
     plan.step_seconds = (body_flops / body_rate + head_flops / fp32_rate) * accum / efficiency
     plan.tokens_per_s = counted * accum / plan.step_seconds
     plan.suggestions = _suggest(recipe, plan, mem, no_live_teacher)
+    if needs_teacher:
+        advice = capacity_gap_advice(teacher.params, student.params, has_taid=any(t.name == "taid" for t in terms))
+        if advice:
+            plan.suggestions = [s for s in plan.suggestions if s != "no change needed"] + [advice]
     return plan
+
+
+# MiniMA (Zhang et al. 2023, "Towards the law of capacity gap in distilling language models"): the best teacher
+# is about 2.5x the student's size; much larger teachers distil worse, not better.
+BEST_TEACHER_RATIO = 2.5
+WARN_TEACHER_RATIO = 2 * BEST_TEACHER_RATIO
+
+
+def capacity_gap_advice(teacher_params: int, student_params: int, *, has_taid: bool = False) -> Optional[str]:
+    """A warning when the teacher is much larger than the student (over WARN_TEACHER_RATIO x), else None."""
+    ratio = teacher_params / max(student_params, 1)
+    if ratio <= WARN_TEACHER_RATIO:
+        return None
+    bridge = "" if has_taid else " or a taid term (TAID interpolates from the student towards the teacher)"
+    return (f"capacity gap: the teacher has {ratio:.1f}x the student's parameters; the capacity-gap law (MiniMA) "
+            f"puts the best teacher at about {BEST_TEACHER_RATIO}x the student: consider an intermediate teacher "
+            f"of about {BEST_TEACHER_RATIO * student_params / 1e6:,.0f}M parameters{bridge}")
 
 
 def feature_memory(recipe: Recipe, terms: list, *, tokens: float, counted: float, act_bytes: int) -> float:

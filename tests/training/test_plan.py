@@ -80,3 +80,12 @@ def test_feature_terms_have_their_own_memory_line(recipe_file, quiet_matmul):
                                                       "{name: attention_relation, relation_heads: 2}]"]))
     assert 0 < one.memory_mb["feature terms (hint / attention)"] < both.memory_mb["feature terms (hint / attention)"]
     assert both.total_mb > one.total_mb > logit.total_mb
+
+
+def test_capacity_gap_advice_names_the_ratio_and_the_remedies():
+    from kdlm.training.plan import capacity_gap_advice
+
+    assert capacity_gap_advice(300_000_000, 100_000_000) is None  # 3x: close to MiniMA's 2.5x
+    advice = capacity_gap_advice(7_000_000_000, 135_000_000)
+    assert "51.9x" in advice and "2.5x" in advice and "338M" in advice and "taid" in advice
+    assert "taid" not in capacity_gap_advice(7_000_000_000, 135_000_000, has_taid=True)
