@@ -107,6 +107,41 @@ class PruneConfig:
             v is not None for v in (self.intermediate_size, self.num_key_value_heads, self.hidden_size))
 
 
+# The linear layers of a Llama-style decoder block (attention q/k/v/o, MLP gate/up/down): LoRA's default targets.
+LORA_DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraConfig:
+    """LoRA students (Hu et al. 2021, through peft): frozen weights, trained low-rank adapters.
+
+    Each targeted linear layer W gets W + (alpha / r) B A with A [r, in] and B [out, r]; only A and B (and
+    modules_to_save) train (kdlm.models.lora, docs/concepts/lora.md)."""
+
+    enabled: bool = opt(False, "Train LoRA adapters instead of the whole student (after keep_layers / prune "
+                        "cut it). false: full fine-tuning.")
+    r: int = opt(16, "Adapter rank: each targeted [out, in] linear layer gets r * (in + out) trainable parameters.",
+                 ge=1)
+    alpha: float = opt(32.0, "LoRA alpha: the adapter's update is scaled by alpha / r.", ge=0.0)
+    dropout: float = opt(0.0, "Dropout on the adapters' input during training.", ge=0.0, lt=1.0)
+    target_modules: Union[str, list[str]] = opt(
+        LORA_DEFAULT_TARGETS, "Linear layers that get adapters, by module name (a name matches every module "
+        "whose dotted path ends with it, e.g. q_proj), or all-linear: every linear layer but the LM head.")
+    modules_to_save: list[str] = opt([], "Modules trained in full next to the adapters (a trainable copy each, "
+                                     "saved with the adapter), e.g. [lm_head] or [embed_tokens].")
+    export: Literal["merged", "adapter"] = opt(
+        "merged", "What output.dir/model holds. merged: the adapters folded into the weights, a plain HF folder "
+        "that loads without peft; adapter: only the adapter (adapter_config.json + weights, loaded with "
+        "peft.PeftModel.from_pretrained on top of student.model as the run cut it).")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            raise ConfigError(f"student.lora.target_modules: {self.target_modules!r} is neither all-linear nor a "
+                              f"list of module names (e.g. [q_proj, v_proj])")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ConfigError("student.lora.target_modules: name at least one module (or all-linear)")
+
+
 @dataclass
 class StudentConfig:
     """The model being trained. Any HF causal LM, or a layer subset of one (`keep_layers`)."""
@@ -125,6 +160,8 @@ class StudentConfig:
     dtype: DType = opt("auto", "Master-weights dtype. auto: float32 (mixed precision is set in train.mixed_precision).")
     device: str = opt("auto", "Device: auto (the process's accelerator device), cpu, cuda or cuda:N.")
     trust_remote_code: bool = opt(False, "Allow the model repository to run its own Python code.")
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={
+        "help": "Train LoRA adapters on the student instead of all its weights (see LoraConfig)."})
 
 
 @dataclass
@@ -235,8 +272,9 @@ class LossTerm:
         "query and key/value widths. null: the smaller KV head count of the two models.", ge=1)
     tau: float = opt(100.0, "alm: temperature of the binarised chunk likelihoods exp(log p(chunk) / tau) (tokenkit's "
                      "default 100: a higher tau compares long, unlikely chunks on a softer scale).", gt=0.0)
-    divergence: Literal["kl", "reverse_kl", "tvd"] = opt(
-        "kl", "alm: the binarised f-divergence between the teacher's and the student's chunk likelihoods.")
+    divergence: Literal["kl", "reverse_kl", "tvd", "binary_ce"] = opt(
+        "kl", "alm: the binarised f-divergence between the teacher's and the student's tempered chunk likelihoods "
+        "(kl: binary KL, 0 at a perfect match; binary_ce: tokenkit's default, the same gradient as kl).")
 
 
 @dataclass
@@ -406,6 +444,9 @@ class Recipe:
             raise ConfigError("data.teacher_messages_field: context distillation needs the live teacher (a cache "
                               "holds its signal on the student's input); set teacher.source: live")
         self._check_sources()
+        if self.student.lora.enabled and self.sampling.engine == "vllm" and self.source.kind in SAMPLED_SOURCES:
+            raise ConfigError("student.lora: sampling.engine: vllm loads the plain student's weights, not LoRA "
+                              "adapters; use sampling.engine: kdlm with a LoRA student")
 
     @property
     def multi_teacher(self) -> bool:

@@ -27,7 +27,10 @@ def uniform_layers(total: int, keep: int) -> list[int]:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The ModuleList of decoder blocks (Llama/Qwen/Mistral/Gemma: model.layers; GPT-2: transformer.h)."""
+    """The ModuleList of decoder blocks (Llama/Qwen/Mistral/Gemma: model.layers; GPT-2: transformer.h); a peft
+    model (a LoRA student) is looked through."""
+    if callable(getattr(model, "get_base_model", None)):
+        model = model.get_base_model()
     for path in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers", "transformer.layers"):
         node = model
         for part in path.split("."):

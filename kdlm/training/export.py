@@ -46,6 +46,11 @@ def model_card(recipe: Any, *, steps: int, student_init: str, data_summary: str,
         if teacher_self:
             table += f"\n| teacher | {teacher_self['ce']:.4f} | 0 | 100% |"
         figures = "CE is the student's cross-entropy on the reference tokens; KL is KL(teacher || student) at temperature 1;\nboth"
+    elif "chunk_gap" in after:  # across tokenizers: chunk likelihoods instead of a KL over a shared vocabulary
+        table = "| model | CE (nats/token) | chunk-likelihood gap to teacher (nats/chunk) |\n|---|---|---|\n" + "\n".join(
+            f"| {name} | {m['ce']:.4f} | {m['chunk_gap']:.4f} |" for name, m in rows)
+        figures = ("CE is the student's cross-entropy on the reference tokens; the gap is the mean |log p_teacher - "
+                   "log p_student| over byte-aligned chunks of the text (docs/concepts/cross_tokenizer.md);\nboth")
     else:  # no term needed the teacher (ce / redi only): it was never loaded, so only CE was measured
         table = "| model | CE (nats/token) |\n|---|---|\n" + "\n".join(f"| {name} | {m['ce']:.4f} |" for name, m in rows)
         figures = "CE is the student's cross-entropy on the reference tokens,"

@@ -8,7 +8,8 @@ matmul speed from a short measurement. The memory model, per process:
     teacher        teacher weights (absent with teacher.source: cache, or when no loss term
                    needs a teacher: ce / redi only) + autocast copies
     student        fp32 master weights + gradients + AdamW's two moments (16 bytes/param)
-                   + autocast's low-precision weight copies
+                   + autocast's low-precision weight copies; a LoRA student (student.lora): its frozen
+                   weights (4 bytes/param) + 16 bytes per trainable parameter (adapters, modules_to_save)
     activations    student activations kept for backward: per token per layer
                    (6H + 2*kv + 4I) elements in the autocast dtype + 2H fp32 (residual
                    stream and norm inputs); with gradient checkpointing only the layer
@@ -53,6 +54,9 @@ class ModelShape:
     intermediate: int
     kv_dim: int
     vocab: int
+    heads: int = 0  # query heads (after width pruning)
+    head_dim: int = 0
+    tied: bool = True  # input embedding and LM head are one matrix
 
     @property
     def body_params(self) -> int:
@@ -69,6 +73,9 @@ class Plan:
     device: str = "cpu"
     data: dict[str, float] = field(default_factory=dict)
     suggestions: list[str] = field(default_factory=list)
+    trainable_params: int = 0  # what the optimizer updates: every student parameter, or LoRA's adapters
+    student_params: int = 0  # every student parameter (a LoRA student: base + adapters + modules_to_save copies)
+    optimizer_state_mb: float = 0.0  # AdamW's two fp32 moments of the trainable parameters (inside the memory lines)
 
 
 def model_shape(name: str, gguf_file: Optional[str] = None, keep_layers: Any = None, prune: Any = None) -> ModelShape:
@@ -105,7 +112,8 @@ def model_shape(name: str, gguf_file: Optional[str] = None, keep_layers: Any = N
         hidden = prune.hidden_size or hidden
         embedding = config.vocab_size * hidden * (1 if tied else 2)
         total += layers * per_layer(hidden, heads, kv_heads, intermediate) + embedding + hidden - before
-    return ModelShape(total, embedding, layers, hidden, intermediate, kv_heads * head_dim, config.vocab_size)
+    return ModelShape(total, embedding, layers, hidden, intermediate, kv_heads * head_dim, config.vocab_size,
+                      heads=heads, head_dim=head_dim, tied=bool(tied))
 
 
 def _safetensors_params(folder: Path) -> Optional[int]:
@@ -208,7 +216,24 @@ def estimate(recipe: Recipe, *, device: Optional[torch.device] = None) -> Plan:
         mem["teacher weights"] = teacher.params * teacher_bytes / MiB
         if act_bytes == 2 and teacher_bytes == 4:
             mem["teacher autocast weight copies"] = teacher.body_params * 2 / MiB
-    mem["student weights + grads + AdamW"] = student.params * 16 / MiB
+    lora = recipe.student.lora
+    if lora.enabled:  # frozen fp32 weights; weights, grads and AdamW moments only for the adapters
+        from kdlm.models.lora import planned_lora_parameters
+
+        plan.trainable_params = planned_lora_parameters(
+            lora, hidden_size=student.hidden, num_attention_heads=student.heads,
+            num_key_value_heads=student.kv_dim // max(student.head_dim, 1), head_dim=student.head_dim,
+            intermediate_size=student.intermediate, num_hidden_layers=student.layers, vocab_size=student.vocab,
+            tie_word_embeddings=student.tied)
+        plan.student_params = student.params + plan.trainable_params
+        mem["student weights (frozen)"] = student.params * 4 / MiB
+        mem["LoRA weights + grads + AdamW"] = plan.trainable_params * 16 / MiB
+    else:
+        plan.trainable_params = plan.student_params = student.params
+        mem["student weights + grads + AdamW"] = student.params * 16 / MiB
+    plan.optimizer_state_mb = plan.trainable_params * 8 / MiB
+    saved = {m.rsplit(".", 1)[-1] for m in lora.modules_to_save}
+    head_trains = not lora.enabled or "lm_head" in saved or (student.tied and "embed_tokens" in saved)
     if act_bytes == 2:
         mem["student autocast weight copies"] = student.body_params * 2 / MiB
     per_token_layer = (6 * student.hidden + 2 * student.kv_dim + 4 * student.intermediate) * act_bytes + 2 * student.hidden * 4
@@ -223,7 +248,8 @@ def estimate(recipe: Recipe, *, device: Optional[torch.device] = None) -> Plan:
     vocab = min(teacher.vocab, student.vocab)
     if recipe.loss.fused:
         rows = chunk_rows(vocab, [t.name for t in terms], chunk_bytes=recipe.loss.chunk_mb * MiB)
-        loss = min(rows, counted) * vocab * 4 * 10 + 2 * vocab * student.hidden * 4
+        # + the LM head's [V, H] fp32 gradient accumulators, when the head trains
+        loss = min(rows, counted) * vocab * 4 * 10 + (2 * vocab * student.hidden * 4 if head_trains else 0)
     else:
         loss = counted * vocab * 4 * 10
     mem["loss (LM head + divergences)"] = loss / MiB
@@ -239,9 +265,11 @@ def estimate(recipe: Recipe, *, device: Optional[torch.device] = None) -> Plan:
     fp32_rate = measure_matmul_gflops(torch.float32, device) * 1e9
     body_rate = measure_matmul_gflops(torch.bfloat16, device) * 1e9 if act_bytes == 2 else fp32_rate
     efficiency = 0.32 if device.type == "cpu" else 0.4  # achieved / matmul peak for whole training steps (measured)
-    # forward + backward = 6 FLOP per parameter and token; gradient checkpointing runs the forward twice
-    body_flops = (8 if recipe.train.gradient_checkpointing else 6) * student.body_params * tokens
-    head_flops = 6 * vocab * student.hidden * counted
+    # forward + backward = 6 FLOP per parameter and token; gradient checkpointing runs the forward twice; a
+    # frozen weight (LoRA's base) skips its weight-gradient matmul (2 of the 6)
+    body_flops = ((8 if recipe.train.gradient_checkpointing else 6) - (2 if lora.enabled else 0)) \
+        * student.body_params * tokens
+    head_flops = (6 if head_trains else 4) * vocab * student.hidden * counted
     if not no_live_teacher:
         body_flops += 2 * teacher.body_params * tokens
         head_flops += 2 * vocab * teacher.hidden * counted
@@ -349,6 +377,10 @@ def render(plan: Plan) -> str:
     lines.append(f"  {'estimated peak':43} {plan.total_mb:10,.0f}")
     if plan.available_mb:
         lines.append(f"  {'available':43} {plan.available_mb:10,.0f}")
+    if plan.student_params:
+        share = plan.trainable_params / plan.student_params
+        lines += ["", f"trainable parameters: {plan.trainable_params / 1e6:,.2f}M of {plan.student_params / 1e6:,.1f}M "
+                  f"({share:.2%}); optimizer state (AdamW, 2 fp32 moments): {plan.optimizer_state_mb:,.0f} MiB"]
     d = plan.data
     lines += ["", f"data: {d['mean_tokens_per_row']:.0f} tokens per row, padded width {d['mean_padded_width']:.0f}, "
               f"{d['tokens_per_micro_batch']:.0f} tokens and {d['counted_per_micro_batch']:.0f} counted per micro-batch",

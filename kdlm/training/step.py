@@ -38,7 +38,8 @@ def counted_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 # per-token [B, L], in a batch only when some example needs them: example weights, negative flags, which tokens
 # were sampled during training, and the sampler's log-probs of them (proposal, student, teacher)
-LOSS_INPUTS = ("token_weights", "negative", "sampled", "behavior_logprobs", "student_logprobs", "teacher_logprobs")
+LOSS_INPUTS = ("token_weights", "negative", "sampled", "behavior_logprobs", "student_logprobs", "teacher_logprobs",
+               "student_chunk")  # student_chunk: cross-tokenizer chunk ids (kdlm.data.alignment)
 
 
 def model_inputs(batch: dict) -> dict[str, Tensor]:
@@ -60,7 +61,10 @@ def example_index(labels: Tensor, position_ids: Optional[Tensor]) -> Tensor:
 
 
 def last_hidden(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
-    """The decoder's final hidden states [B, L, H], without computing the [B, L, V] logits."""
+    """The decoder's final hidden states [B, L, H], without computing the [B, L, V] logits. A peft model
+    (a LoRA student) is looked through: its own `base_model` is the tuner, not the decoder."""
+    if callable(getattr(model, "get_base_model", None)):
+        model = model.get_base_model()
     out = model.base_model(**inputs, use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
@@ -75,6 +79,9 @@ class TeacherRows:
     head: LMHead
     features: dict = field(default_factory=dict)  # layer ref -> [N, H_teacher], no grad
     qkv: dict = field(default_factory=dict)  # decoder layer -> (q [B, Hq, L, d], k, v [B, Hkv, L, d]), no grad
+    # cross-tokenizer runs: the teacher's own next tokens at its counted rows, and each row's aligned chunk id
+    targets: Optional[Tensor] = None  # [N_teacher] long
+    chunks: Optional[Tensor] = None  # [N_teacher] long
 
 
 class Teacher:
@@ -153,9 +160,22 @@ def teacher_signal(teacher, batch: dict, *, features: bool = True):
     if isinstance(teacher, Teacher):
         if "teacher_input_ids" in batch:
             inputs = {"input_ids": batch["teacher_input_ids"], "attention_mask": batch["teacher_attention_mask"]}
-            return teacher.rows(inputs, counted_positions(batch["teacher_labels"])[0], features=features)
+            mask, targets = counted_positions(batch["teacher_labels"])
+            rows = teacher.rows(inputs, mask, features=features)
+            if "teacher_chunk" in batch:  # cross-tokenizer: the teacher's own tokens of the text, chunk-aligned
+                rows.targets, rows.chunks = targets, batch["teacher_chunk"][:, 1:][mask]
+            return rows
         return teacher.rows(model_inputs(batch), counted_positions(batch["labels"])[0], features=features)
     return teacher.signal(batch["sample_ids"], batch["labels"], device=batch["labels"].device)
+
+
+def _first_rows(chunk: Tensor) -> Tensor:
+    """Indices of each chunk's first row, for chunk ids that are non-decreasing along the rows: [C]."""
+    if chunk.numel() == 0:
+        return chunk
+    starts = torch.ones_like(chunk, dtype=torch.bool)
+    starts[1:] = chunk[1:] != chunk[:-1]
+    return starts.nonzero().squeeze(1)
 
 
 @torch.no_grad()
@@ -225,6 +245,7 @@ class DistillationModule(nn.Module):
         behavior_logprobs: Optional[Tensor] = None,
         student_logprobs: Optional[Tensor] = None,
         teacher_logprobs: Optional[Tensor] = None,
+        student_chunk: Optional[Tensor] = None,
     ) -> dict[str, Tensor]:
         """token_weights [B, L] fp32 / negative [B, L] bool: per token, its example's loss weight / negative flag.
         sampled [B, L] bool: the token was sampled during training; *_logprobs [B, L] fp32: the sampler's
@@ -246,14 +267,18 @@ class DistillationModule(nn.Module):
         sampling = {"sampled": sampled, "behavior": behavior_logprobs, "student": student_logprobs,
                     "teacher": teacher_logprobs}
         coefficients = self.coefficients(mask, labels, position_ids, token_weights, negative, sampling)  # [K, N] or None
-        logit_terms = [t for t in self.terms if not t.is_feature]
-        logit_rows = [k for k, t in enumerate(self.terms) if not t.is_feature]
+        logit_terms = [t for t in self.terms if not t.is_feature and not t.is_cross_tokenizer]
+        logit_rows = [k for k, t in enumerate(self.terms) if not t.is_feature and not t.is_cross_tokenizer]
         logit_coefficients = coefficients[logit_rows] if coefficients is not None else None
         if isinstance(teacher, EnsembleSignal):
             example = example_index(labels, position_ids)[:, 1:][mask]
             sums = self._ensemble_sums(hidden, teacher, targets, logit_terms, logit_coefficients, example)
         else:
             sums = self._logit_sums(hidden, teacher, targets, logit_terms, logit_coefficients) if logit_terms else {}
+        if any(t.is_cross_tokenizer for t in self.terms):
+            cross = self._cross_tokenizer_sums(hidden, targets, student_chunk[:, 1:][mask], teacher, coefficients)
+            total = sums.get(TOTAL_KEY, 0.0) + sum(t.weight * cross[t.label] for t in self.terms if t.is_cross_tokenizer)
+            sums = {**sums, **{k: v.detach() for k, v in cross.items()}, TOTAL_KEY: total}
         if captured is None:
             return sums
         features = self._feature_sums(captured, teacher, mask, attention_mask, position_ids, coefficients)
@@ -312,6 +337,40 @@ class DistillationModule(nn.Module):
             teacher_logits = teacher.head.logits(teacher.hidden) if teacher is not None else None
             sums = term_sums(student_logits, teacher_logits, targets, terms, coefficients=coefficients)
         return {**{k: v.detach() for k, v in sums.items()}, TOTAL_KEY: weighted_total(sums, terms)}
+
+    def _cross_tokenizer_sums(self, hidden: Tensor, targets: Tensor, chunk: Tensor, teacher: "TeacherRows",
+                              coefficients: Optional[Tensor]) -> dict[str, Tensor]:
+        """alm / uld over the byte-aligned chunks (kdlm.losses.cross_tokenizer). `chunk` [N]: each counted student
+        row's chunk id (-1: its chunk is not counted); the teacher's rows carry theirs. A chunk's weight is the
+        coefficient of its first student row."""
+        from kdlm.losses.cross_tokenizer import alm_sum, chunk_logprobs, token_logprobs, uld_sum_from_hidden
+
+        if not isinstance(teacher, TeacherRows) or teacher.chunks is None:
+            raise ValueError("cross-tokenizer terms need a live teacher on chunk-aligned input (kdlm.data.alignment)")
+        keep = chunk >= 0
+        s_hidden, s_targets, s_chunk = hidden[keep], targets[keep], chunk[keep]
+        num = int(teacher.chunks.max()) + 1 if teacher.chunks.numel() else 0
+        s_first, t_first = _first_rows(s_chunk), _first_rows(teacher.chunks)  # [C] each, in chunk order
+        sums: dict[str, Tensor] = {}
+        teacher_chunks = None
+        for k, term in enumerate(self.terms):
+            if not term.is_cross_tokenizer:
+                continue
+            weights = coefficients[k][keep][s_first] if coefficients is not None else None  # [C]
+            if num == 0:
+                sums[term.label] = hidden.sum() * 0.0
+            elif term.name == "alm":
+                if teacher_chunks is None:
+                    with torch.no_grad():
+                        teacher_lp = token_logprobs(teacher.hidden, teacher.head, teacher.targets)
+                    teacher_chunks = chunk_logprobs(teacher_lp, teacher.chunks, num)
+                student_chunks = chunk_logprobs(token_logprobs(s_hidden, self.head, s_targets), s_chunk, num)
+                sums[term.label] = alm_sum(student_chunks, teacher_chunks, tau=term.tau, divergence=term.divergence,
+                                           weights=weights)
+            else:  # uld: both models' next-token distributions where each chunk starts
+                sums[term.label] = uld_sum_from_hidden(s_hidden[s_first], self.head, teacher.hidden[t_first],
+                                                       teacher.head, temperature=term.temperature, weights=weights)
+        return sums
 
     def _feature_sums(self, captured, teacher: TeacherRows, mask: Tensor, attention_mask: Optional[Tensor],
                       position_ids: Optional[Tensor], coefficients: Optional[Tensor]) -> dict[str, Tensor]:

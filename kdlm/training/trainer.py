@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from kdlm.cache import CachedTeacher, cache_dir_for
 from kdlm.config import Recipe, dump_yaml, to_dict
-from kdlm.config.schema import SAMPLED_SOURCES
+from kdlm.config.schema import CROSS_TOKENIZER_TERM_NAMES, SAMPLED_SOURCES
 from kdlm.data import Collator, DataReport, prepare_data
 from kdlm.data.packing import pack_examples
 from kdlm.errors import ConfigError, DataError, ModelError, OutputError
@@ -106,7 +106,8 @@ def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[
     if recipe.sampling.engine == "vllm" and recipe.source.kind in SAMPLED_SOURCES and not torch.cuda.is_available():
         raise ModelError("sampling.engine: vllm runs on a CUDA GPU and none is visible; use sampling.engine: kdlm")
     tokenizers = tokenizers_stage(recipe, terms)
-    train_set, val_set, report = data_stage(recipe, tokenizers.student, terms, main=main)
+    train_set, val_set, report = data_stage(recipe, tokenizers.student, terms, main=main,
+                                            teacher_tokenizer=tokenizers.teacher)
     models = models_stage(recipe, tokenizers, train_set + val_set, device=accelerator.device, terms=terms)
     terms = models.terms
 
@@ -131,6 +132,8 @@ def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[
     loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, collate_fn=list,
                         num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
     module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
+    from kdlm.training.sharding import shard_teacher  # FSDP / ZeRO-3 (or teacher.shard: always): 1/world each
+    models.teacher = shard_teacher(models.teacher, accelerator, recipe, validation_examples=len(val_set))
 
     # several teachers: validation figures are against the first (the recipe's `teacher`)
     validation_teacher = models.teacher.primary if isinstance(models.teacher, TeacherEnsemble) else models.teacher
@@ -181,7 +184,13 @@ def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[
     if main:
         card = model_card(recipe, steps=state["step"], student_init=models.student_init, data_summary=report.summary(),
                           before=before, after=after) if after else f"# Distilled student\n\nTeacher: {recipe.teacher.model}\n"
-        save_student_folder(accelerator.unwrap_model(module).student, tokenizers.student, model_dir, card)
+        if recipe.student.lora.enabled:  # merged (in place: training is over) or the adapter alone
+            from kdlm.models.lora import export_lora
+
+            export_lora(accelerator.unwrap_model(module).student, tokenizers.student, model_dir, card,
+                        recipe.student.lora.export, in_place=True)
+        else:
+            save_student_folder(accelerator.unwrap_model(module).student, tokenizers.student, model_dir, card)
         atomic_write_text(out / "final_metrics.json", _json({"steps": state["step"], "before": before, "after": after,
                                                              "memory": peak_memory_mb()}))
     accelerator.wait_for_everyone()
@@ -210,8 +219,17 @@ def tokenizers_stage(recipe: Recipe, terms: list[Term]) -> Tokenizers:
         return Tokenizers(student_src, tokenizer, None, None)
     teacher_src = resolve_source(recipe.teacher.model, recipe.teacher.gguf_file, recipe.teacher.revision)
     teacher_tok = load_tokenizer(teacher_src, trust_remote_code=recipe.teacher.trust_remote_code)
-    if teacher_tok.get_vocab() != tokenizer.get_vocab():
-        shared_vocab_size(teacher_tok, tokenizer, 0, 0)  # raises with the differing tokens named
+    cross = any(t.is_cross_tokenizer for t in terms)
+    if teacher_tok.get_vocab() != tokenizer.get_vocab() and not cross:
+        try:
+            shared_vocab_size(teacher_tok, tokenizer, 0, 0)  # raises with the differing tokens named
+        except ModelError as err:
+            raise ModelError(f"{err}; to distil across tokenizers, use an alm or uld loss term "
+                             f"(docs/concepts/cross_tokenizer.md)") from None
+    elif cross and teacher_tok.get_vocab() == tokenizer.get_vocab():
+        print("kdlm: note: teacher and student share one tokenizer, so every aligned chunk is a single token: alm is "
+              "then a per-token likelihood match and uld a sorted-probability L1; a divergence term (forward_kl) "
+              "compares the whole distributions and is the better choice here", flush=True)
     others = []
     for i, cfg in enumerate(recipe.teachers[1:], start=1):
         src = resolve_source(cfg.model, cfg.gguf_file, cfg.revision)
@@ -237,10 +255,13 @@ def needs_teacher(recipe: Recipe, terms: list[Term]) -> bool:
             or recipe.sampling.teacher_mix > 0 or any(t.name == "pg" for t in terms) or recipe.schedule.ddk_every > 0)
 
 
-def data_stage(recipe: Recipe, tokenizer, terms: list[Term], *, main: bool):
+def data_stage(recipe: Recipe, tokenizer, terms: list[Term], *, main: bool, teacher_tokenizer=None):
     """Encoded examples, with the checks that need them: negatives need redi; sampled sources need prompts that
-    leave room for max_new_tokens; DDK needs every domain in validation."""
+    leave room for max_new_tokens; DDK needs every domain in validation. Cross-tokenizer terms: each example is
+    also tokenised by the teacher and aligned by bytes (kdlm.data.alignment)."""
     train_set, val_set, report = prepare_data(recipe.data, tokenizer, seed=recipe.train.seed)
+    if any(t.is_cross_tokenizer for t in terms):
+        align_examples(train_set + val_set, tokenizer, teacher_tokenizer, show_progress=main)
     if report.negative_examples and not any(t.name == "redi" for t in terms):
         raise ConfigError(f"data.negative_field marks {report.negative_examples} negative rows but no loss term "
                           f"uses them; add {{name: redi}} to loss.terms")
@@ -256,6 +277,30 @@ def data_stage(recipe: Recipe, tokenizer, terms: list[Term], *, main: bool):
     if main:
         print(f"kdlm: data: {report.summary()}", flush=True)
     return train_set, val_set, report
+
+
+def align_examples(examples: list, tokenizer, teacher_tokenizer, *, show_progress: bool = True) -> None:
+    """Give each example the teacher's tokens of its text, their counted labels and both sides' chunk ids."""
+    from tqdm.auto import tqdm
+
+    from kdlm.data.alignment import align_ids, chunk_labels
+
+    chunks = tokens = 0
+    for ex in tqdm(examples, desc="kdlm: aligning tokenizers", disable=not show_progress or len(examples) < 500,
+                   unit="example"):
+        try:
+            teacher_ids, alignment = align_ids(tokenizer, ex.input_ids, teacher_tokenizer)
+        except ValueError as err:
+            raise DataError(f"{ex.sample_id}: {err}") from None
+        ex.teacher_input_ids = teacher_ids
+        ex.teacher_labels, ex.student_chunk, ex.teacher_chunk = chunk_labels(alignment, ex.labels, teacher_ids)
+        chunks += max(ex.student_chunk, default=-1) + 1
+        tokens += sum(1 for c in ex.student_chunk if c >= 0)
+    if not chunks:
+        raise DataError("cross-tokenizer alignment: no example has a counted chunk (are all tokens masked?)")
+    if show_progress:
+        print(f"kdlm: aligned {len(examples)} examples by bytes: {chunks} counted chunks, "
+              f"{tokens / chunks:.2f} student tokens per chunk", flush=True)
 
 
 def _route_domains(recipe: Recipe, examples: list) -> None:
@@ -282,6 +327,13 @@ def models_stage(recipe: Recipe, tokenizers: Tokenizers, examples: list, *, devi
     kept, prune_report = None, None
     if recipe.student.keep_layers is not None or recipe.student.prune.scored:
         kept, student_init, prune_report = build_student(recipe, student, examples)
+    if recipe.student.lora.enabled:  # after the cut: the adapters go on the layers that remain
+        from kdlm.models.lora import apply_lora, summary
+
+        student = apply_lora(student, recipe.student.lora)
+        line = summary(student, recipe.student.lora)
+        print(f"kdlm: student: {line}", flush=True)
+        student_init += f"\n\nTrained with {line}."
     student_rows = student.get_output_embeddings().weight.shape[0]
     teacher, vocab = _load_teacher(recipe, tokenizers.teacher_src, tokenizers.teacher, tokenizers.student,
                                    student_rows=student_rows, examples=examples, default_device=device)
@@ -440,7 +492,11 @@ def _load_teacher(recipe: Recipe, source, teacher_tokenizer, tokenizer, *, stude
     device = resolve_device(recipe.teacher.device, default_device)
     model = load_model(source, dtype=resolve_dtype(recipe.teacher.dtype, device, trainable=False), device=device,
                        trust_remote_code=recipe.teacher.trust_remote_code, frozen=True)
-    vocab = shared_vocab_size(teacher_tokenizer, tokenizer, model.get_output_embeddings().weight.shape[0], student_rows)
+    teacher_rows = model.get_output_embeddings().weight.shape[0]
+    if any(t.name in CROSS_TOKENIZER_TERM_NAMES for t in recipe.loss.terms):  # each side keeps its own vocabulary
+        teacher_vocab = shared_vocab_size(teacher_tokenizer, teacher_tokenizer, teacher_rows, teacher_rows)
+        return Teacher(model, teacher_vocab), shared_vocab_size(tokenizer, tokenizer, student_rows, student_rows)
+    vocab = shared_vocab_size(teacher_tokenizer, tokenizer, teacher_rows, student_rows)
     return Teacher(model, vocab), vocab
 
 

@@ -7,6 +7,11 @@
 With an offline top-k cache as the teacher, kl_to_teacher is the tail-bucket KL (a lower bound
 of the dense KL) at the cache temperature, and teacher_ce is NaN (not computable from top-k).
 Without a teacher (an objective of ce / redi terms only) only ce and tokens are reported.
+Across tokenizers (alm / uld terms) there is no shared vocabulary to take a KL over; the figures are then over
+the byte-aligned chunks (kdlm.data.alignment), whose likelihoods both models define:
+- chunk_gap: mean over counted chunks of |log p_teacher(chunk) - log p_student(chunk)| (nats per chunk);
+- chunk_logp_gap: mean of log p_teacher(chunk) - log p_student(chunk) (> 0: the teacher finds the text likelier);
+- chunks: how many chunks were compared.
 Both models run under the same autocast as training.
 
 The figures are unweighted: per-example loss weights do not enter them, and tokens of negative
@@ -52,6 +57,7 @@ def validate(
     was_training = student.training
     student.eval()
     totals = torch.zeros(5, dtype=torch.float64, device=device)  # ce, kl, agree, tokens, teacher ce
+    aligned = torch.zeros(3, dtype=torch.float64, device=device)  # cross-tokenizer: |gap| sum, gap sum, chunks
     loader = DataLoader(examples[rank::world], batch_size=batch_size, collate_fn=collator)
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
@@ -64,6 +70,11 @@ def validate(
                 signal = teacher_signal(teacher, batch, features=False)  # live: hidden states [N, H_t]; cache: top-k
         with accelerator.autocast() if accelerator else contextlib.nullcontext():
             hidden = last_hidden(student, model_inputs(batch))[:, :-1][mask]  # [N, H]
+        if signal is not None and "student_chunk" in batch:  # across tokenizers: chunk likelihoods, no KL
+            totals[0] += F.cross_entropy(head.logits(hidden), targets, reduction="sum").double()
+            totals[3] += targets.numel()
+            aligned += _chunk_gaps(hidden, head, targets, batch["student_chunk"][:, 1:][mask], signal)
+            continue
         if "negative" in batch:  # rejected completions are not references: keep the positive tokens only
             keep = ~batch["negative"][:, 1:][mask]  # [N]
             hidden, targets = hidden[keep], targets[keep]
@@ -91,10 +102,30 @@ def validate(
         totals = accelerator.reduce(totals, reduction="sum")
     student.train(was_training)
     n = max(totals[3].item(), 1.0)
+    if aligned[2] > 0:
+        aligned = accelerator.reduce(aligned, reduction="sum") if accelerator is not None and world > 1 else aligned
+        chunks = aligned[2].item()
+        return {"ce": totals[0].item() / n, "tokens": int(totals[3].item()), "chunk_gap": aligned[0].item() / chunks,
+                "chunk_logp_gap": aligned[1].item() / chunks, "chunks": int(chunks)}
     if teacher is None:
         return {"ce": totals[0].item() / n, "tokens": int(totals[3].item())}
     return {"ce": totals[0].item() / n, "kl_to_teacher": totals[1].item() / n,
             "top1_agreement": totals[2].item() / n, "tokens": int(totals[3].item()), "teacher_ce": totals[4].item() / n}
+
+
+def _chunk_gaps(hidden: torch.Tensor, head, targets: torch.Tensor, chunk: torch.Tensor, signal: TeacherRows
+                ) -> torch.Tensor:
+    """[3] float64: sum over the batch's counted chunks of |log p_t - log p_s|, of log p_t - log p_s, and their count."""
+    from kdlm.losses.cross_tokenizer import chunk_logprobs, token_logprobs
+
+    keep = chunk >= 0
+    num = int(signal.chunks.max()) + 1 if signal.chunks.numel() else 0
+    if num == 0:
+        return torch.zeros(3, dtype=torch.float64, device=hidden.device)
+    student = chunk_logprobs(token_logprobs(hidden[keep], head, targets[keep]), chunk[keep], num).double()
+    teacher = chunk_logprobs(token_logprobs(signal.hidden, signal.head, signal.targets), signal.chunks, num).double()
+    gap = teacher - student
+    return torch.stack([gap.abs().sum(), gap.sum(), torch.tensor(float(num), dtype=torch.float64, device=gap.device)])
 
 
 def _select(signal, keep: torch.Tensor):
