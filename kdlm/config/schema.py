@@ -66,6 +66,11 @@ class TeacherConfig:
     cache_top_k: int = opt(64, "Log-probabilities kept per position in the cache (the rest is one tail bucket).", ge=1, le=1024)
     cache_temperature: float = opt(1.0, "Temperature at which the cache stores the teacher's distribution; "
                                    "divergence terms must use the same temperature.", gt=0.0)
+    shard: Literal["auto", "always", "never"] = opt(
+        "auto", "Shard the live teacher across processes (kdlm.training.sharding): auto: under accelerate FSDP and "
+        "DeepSpeed ZeRO-3, never under DDP / one process; always: also under plain multi-process runs (e.g. CPU "
+        "with gloo, where accelerate has no FSDP); never: a full copy on every process. A sharded teacher holds "
+        "1/world of its weights per process; its LM head is gathered once per step.")
     name: Optional[str] = opt(None, "Multi-teacher (`teachers:`): this teacher's name in the logs, e.g. "
                               "loss/forward_kl@math. null: teacher_<index>.")
     weight: float = opt(1.0, "Multi-teacher: this teacher's weight w_k in the pooling (mixture, geometric); the "

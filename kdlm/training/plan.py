@@ -76,6 +76,10 @@ class Plan:
     trainable_params: int = 0  # what the optimizer updates: every student parameter, or LoRA's adapters
     student_params: int = 0  # every student parameter (a LoRA student: base + adapters + modules_to_save copies)
     optimizer_state_mb: float = 0.0  # AdamW's two fp32 moments of the trainable parameters (inside the memory lines)
+    # a live teacher's weights per process by mode (ddp: full copy; fsdp / zero3: a 1/world shard plus two gathered
+    # layers and the gathered LM head), at `world` processes (kdlm.training.sharding.teacher_memory_per_process)
+    teacher_per_process_mb: dict[str, float] = field(default_factory=dict)
+    world: int = 1
 
 
 def model_shape(name: str, gguf_file: Optional[str] = None, keep_layers: Any = None, prune: Any = None) -> ModelShape:
@@ -214,6 +218,7 @@ def estimate(recipe: Recipe, *, device: Optional[torch.device] = None) -> Plan:
     mem["baseline (python, torch, transformers)"] = current_rss_mb() if device.type == "cpu" else 0.0
     if not no_live_teacher:
         mem["teacher weights"] = teacher.params * teacher_bytes / MiB
+        plan.world, plan.teacher_per_process_mb = _teacher_modes(teacher, teacher_bytes)
         if act_bytes == 2 and teacher_bytes == 4:
             mem["teacher autocast weight copies"] = teacher.body_params * 2 / MiB
     lora = recipe.student.lora
@@ -301,6 +306,21 @@ def capacity_gap_advice(teacher_params: int, student_params: int, *, has_taid: b
             f"of about {BEST_TEACHER_RATIO * student_params / 1e6:,.0f}M parameters{bridge}")
 
 
+def _teacher_modes(teacher: ModelShape, teacher_bytes: int) -> tuple[int, dict[str, float]]:
+    """A live teacher's weights per process under DDP and sharded, at the launch's process count (WORLD_SIZE under
+    accelerate / torchrun; 8 when planning outside a launch, as a typical node)."""
+    import os
+
+    from kdlm.training.sharding import teacher_memory_per_process
+
+    world = int(os.environ.get("WORLD_SIZE", "0")) or 8
+    total = teacher.params * teacher_bytes
+    head = teacher.vocab * teacher.hidden * teacher_bytes  # gathered for the loss (tied or not)
+    layer_bytes = teacher.body_params // max(teacher.layers, 1) * teacher_bytes
+    return world, {mode: teacher_memory_per_process(total, mode=mode, world=world, layer_bytes=layer_bytes,
+                                                    head_bytes=head) / MiB for mode in ("ddp", "fsdp")}
+
+
 def feature_memory(recipe: Recipe, terms: list, *, tokens: float, counted: float, act_bytes: int) -> float:
     """Extra bytes of the feature terms, per process (docs/concepts/features.md):
     hint, per layer pair: the teacher's captured states at the counted tokens (autocast dtype) and ~3 fp32
@@ -381,6 +401,10 @@ def render(plan: Plan) -> str:
         share = plan.trainable_params / plan.student_params
         lines += ["", f"trainable parameters: {plan.trainable_params / 1e6:,.2f}M of {plan.student_params / 1e6:,.1f}M "
                   f"({share:.2%}); optimizer state (AdamW, 2 fp32 moments): {plan.optimizer_state_mb:,.0f} MiB"]
+    if plan.teacher_per_process_mb:
+        t = plan.teacher_per_process_mb
+        lines += ["", f"teacher weights per process at {plan.world} processes: {t['ddp']:,.0f} MiB as a full copy "
+                  f"(DDP), {t['fsdp']:,.0f} MiB sharded (teacher.shard under FSDP / ZeRO-3)"]
     d = plan.data
     lines += ["", f"data: {d['mean_tokens_per_row']:.0f} tokens per row, padded width {d['mean_padded_width']:.0f}, "
               f"{d['tokens_per_micro_batch']:.0f} tokens and {d['counted_per_micro_batch']:.0f} counted per micro-batch",

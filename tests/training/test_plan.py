@@ -89,3 +89,18 @@ def test_capacity_gap_advice_names_the_ratio_and_the_remedies():
     advice = capacity_gap_advice(7_000_000_000, 135_000_000)
     assert "51.9x" in advice and "2.5x" in advice and "338M" in advice and "taid" in advice
     assert "taid" not in capacity_gap_advice(7_000_000_000, 135_000_000, has_taid=True)
+
+
+def test_plan_shows_the_teachers_weights_per_process_full_and_sharded(monkeypatch):
+    import pytest
+
+    from kdlm.training.plan import ModelShape, _teacher_modes
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    shape = ModelShape(params=1_000_000, embedding_params=200_000, layers=8, hidden=100, intermediate=400,
+                       kv_dim=50, vocab=2_000)
+    world, per = _teacher_modes(shape, 4)
+    assert world == 4
+    assert per["ddp"] * 2**20 == pytest.approx(4_000_000)
+    # a quarter of the fp32 weights, plus two gathered layers (100k params each) and the gathered head (200k)
+    assert per["fsdp"] * 2**20 == pytest.approx(1_000_000 + 2 * 400_000 + 800_000)
