@@ -96,6 +96,9 @@ def distill(recipe: Recipe, *, resume: bool = False, on_step: Optional[Callable[
 
     out = Path(recipe.output.dir)
     cfg = recipe.train
+    from kdlm.training.sharding import check_distributed_setup
+
+    check_distributed_setup(None)  # ZeRO-3 without deepspeed: one line, before accelerate raises its own
     accelerator = _accelerator(recipe, out)
     wipe = _check_output_dir(out, recipe, resume)  # read-only, every rank: never clobber a finished run
     accelerator.wait_for_everyone()

@@ -132,3 +132,20 @@ def test_shard_mode(monkeypatch):
     monkeypatch.setenv("KDLM_TEACHER_SHARD", "sometimes")
     with pytest.raises(ConfigError):
         shard_mode(None)
+
+
+def test_distill_refuses_zero3_without_deepspeed_before_accelerate(recipe_file, monkeypatch, tmp_path):
+    import importlib.util
+
+    from kdlm.config import load_recipe
+    from kdlm.errors import ModelError
+    from kdlm.training import distill
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(ModelError, match="ZeRO-3 needs DeepSpeed: pip install deepspeed") as err:
+        distill(load_recipe(recipe_file), show_progress=False)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()
