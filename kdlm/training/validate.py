@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from kdlm.data.dataset import Collator, Example
+from kdlm.losses.cross_tokenizer import chunk_logprobs, token_logprobs
 from kdlm.losses.divergences import per_position_divergence
 from kdlm.losses.fused import DEFAULT_CHUNK_BYTES, chunk_rows
 from kdlm.losses.objective import lm_head_of
@@ -71,9 +72,10 @@ def validate(
         with accelerator.autocast() if accelerator else contextlib.nullcontext():
             hidden = last_hidden(student, model_inputs(batch))[:, :-1][mask]  # [N, H]
         if signal is not None and "student_chunk" in batch:  # across tokenizers: chunk likelihoods, no KL
-            totals[0] += F.cross_entropy(head.logits(hidden), targets, reduction="sum").double()
+            student_lp = token_logprobs(hidden, head, targets, chunk_rows=rows_per_chunk)  # [N], no [N, V] logits
+            totals[0] -= student_lp.sum().double()
             totals[3] += targets.numel()
-            aligned += _chunk_gaps(hidden, head, targets, batch["student_chunk"][:, 1:][mask], signal)
+            aligned += _chunk_gaps(student_lp, batch["student_chunk"][:, 1:][mask], signal)
             continue
         if "negative" in batch:  # rejected completions are not references: keep the positive tokens only
             keep = ~batch["negative"][:, 1:][mask]  # [N]
@@ -113,16 +115,14 @@ def validate(
             "top1_agreement": totals[2].item() / n, "tokens": int(totals[3].item()), "teacher_ce": totals[4].item() / n}
 
 
-def _chunk_gaps(hidden: torch.Tensor, head, targets: torch.Tensor, chunk: torch.Tensor, signal: TeacherRows
-                ) -> torch.Tensor:
-    """[3] float64: sum over the batch's counted chunks of |log p_t - log p_s|, of log p_t - log p_s, and their count."""
-    from kdlm.losses.cross_tokenizer import chunk_logprobs, token_logprobs
-
+def _chunk_gaps(student_lp: torch.Tensor, chunk: torch.Tensor, signal: TeacherRows) -> torch.Tensor:
+    """[3] float64: sum over the batch's counted chunks of |log p_t - log p_s|, of log p_t - log p_s, and their count.
+    student_lp [N]: the student's log-prob of each counted token; chunk [N]: its chunk id (-1: not counted)."""
     keep = chunk >= 0
     num = int(signal.chunks.max()) + 1 if signal.chunks.numel() else 0
     if num == 0:
-        return torch.zeros(3, dtype=torch.float64, device=hidden.device)
-    student = chunk_logprobs(token_logprobs(hidden[keep], head, targets[keep]), chunk[keep], num).double()
+        return torch.zeros(3, dtype=torch.float64, device=student_lp.device)
+    student = chunk_logprobs(student_lp[keep], chunk[keep], num).double()
     teacher = chunk_logprobs(token_logprobs(signal.hidden, signal.head, signal.targets), signal.chunks, num).double()
     gap = teacher - student
     return torch.stack([gap.abs().sum(), gap.sum(), torch.tensor(float(num), dtype=torch.float64, device=gap.device)])
