@@ -9,6 +9,7 @@
     kdlm plan RECIPE.yaml [--set key=value ...]      estimate peak memory and speed before a run
     kdlm eval MODEL ... --task TASK --output DIR     task metrics, retention, robustness, efficiency
     kdlm report RUN_OR_EVAL_DIR ... -o DIR           Markdown + HTML report of runs and evaluations
+    kdlm compare GRID.yaml -o DIR [--print-commands] methods side by side at an equal budget, with intervals
     kdlm config-reference [--output FILE]            the generated recipe reference (Markdown)
 
 Bad input ends with one line `kdlm: error: ...` on stderr and exit status 2.
@@ -17,6 +18,7 @@ Bad input ends with one line `kdlm: error: ...` on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -84,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_parser(sub)
     add_eval_parser(sub)
     add_report_parser(sub)
+    from kdlm.compare.cli import add_compare_parser
+
+    add_compare_parser(sub)
 
     p = sub.add_parser("config-reference", help="print the recipe reference generated from the config classes")
     p.add_argument("--output", help="write to this file instead of stdout")
@@ -201,7 +206,8 @@ def cmd_init_student(args: argparse.Namespace) -> int:
             f"{report.kept_layers} kept ({after / 1e6:.1f}M of {before / 1e6:.1f}M parameters). "
             f"Distil it before use.\n\n{report.markdown()}")
     save_student_folder(model, tokenizer, out, card)
-    (out / "prune_report.json").write_text(report.to_json())
+    # `source` lets a recipe whose teacher is this same model map layers with `layers: kept`
+    (out / "prune_report.json").write_text(json.dumps({**report.to_dict(), "source": args.teacher}, indent=2) + "\n")
     print(f"kdlm: {report.summary()} -> {out}")
     return 0
 
@@ -268,8 +274,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return run_report_command(args)
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from kdlm.compare.cli import run_compare_command
+
+    return run_compare_command(args)
+
+
 COMMANDS = {
     "distill": cmd_distill,
+    "compare": cmd_compare,
     "generate": cmd_generate,
     "eval": cmd_eval,
     "report": cmd_report,

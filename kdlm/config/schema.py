@@ -390,6 +390,10 @@ class TrainConfig:
     max_seconds: Optional[float] = opt(None, "Stop after the first optimizer step that ends this many seconds into "
                                        "the loop (a wall-clock budget, e.g. to compare methods at equal cost); the "
                                        "LR schedule still spans max_steps. null: no budget.", gt=0.0)
+    max_tokens: Optional[int] = opt(None, "Stop after the first optimizer step at which this many counted (scored, "
+                                    "non-padding) tokens have been trained on, summed over processes (a token "
+                                    "budget, e.g. for `kdlm compare`); the LR schedule still spans max_steps. "
+                                    "null: no budget.", ge=1)
     batch_size: int = opt(8, "Examples per micro-batch per process.", ge=1)
     grad_accum: int = opt(1, "Micro-batches per optimizer step. The loss is normalised by the global count of counted tokens.", ge=1)
     learning_rate: float = opt(5e-5, "AdamW peak learning rate.", gt=0.0)

@@ -39,6 +39,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="folder to write predictions, metrics and summary.json to")
     p.add_argument("--teacher", metavar="MODEL",
                    help="reference model for retention and agreement (default: the first MODEL; evaluated too)")
+    p.add_argument("--reference-from", metavar="EVAL_DIR",
+                   help="reuse the reference model's predictions and figures from an earlier `kdlm eval` folder with "
+                        "the same tasks and settings instead of recomputing them (it is still loaded for agreement)")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate the first N examples of each data set (default: all)")
     p.add_argument("--data-dir", metavar="DIR",
                    help=f"folder that task data sources are relative to (default: ${DATA_DIR_ENV}, else the current folder)")
@@ -54,6 +57,20 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="also measure parameters, disk size, peak memory, latency per token and throughput")
     p.add_argument("--harness", metavar="TASKS",
                    help="comma-separated lm-evaluation-harness tasks to run on the same models (needs `pip install lm-eval`)")
+    j = p.add_argument_group(
+        "LLM-as-judge", "pairwise win rate of each student against the reference on generation tasks, judged by a "
+                        "model behind an OpenAI-compatible server; each example is judged twice, positions swapped")
+    j.add_argument("--judge-url", metavar="URL",
+                   help="the judge server's OpenAI-compatible base URL, e.g. http://127.0.0.1:8765/v1 (default: no judge)")
+    j.add_argument("--judge-model", metavar="NAME", help="the judge's served model name (default: the first the server lists)")
+    j.add_argument("--judge-api-key-env", metavar="VAR", help="environment variable holding the judge server's API key")
+    j.add_argument("--judge-prompt", metavar="FILE",
+                   help="judge prompt file with {instruction}, {answer_a}, {answer_b} (default: the shipped "
+                        "judge_pairwise_v1.txt)")
+    j.add_argument("--judge-max-tokens", type=int, default=256, metavar="N",
+                   help="longest judge answer in tokens (default: 256)")
+    j.add_argument("--judge-concurrency", type=int, default=4, metavar="N",
+                   help="judge requests in flight at once (default: 4)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="model weights' dtype (default: auto = bf16 on a GPU that supports it, else fp32)")
@@ -71,11 +88,14 @@ def settings_from_args(args: argparse.Namespace):
     data_dir = args.data_dir or os.environ.get(DATA_DIR_ENV) or "."
     return EvalSettings(
         models=list(args.models), tasks=tasks, output=Path(args.output), data_dir=Path(data_dir).expanduser(),
-        teacher=args.teacher, limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        teacher=args.teacher, reference_from=Path(args.reference_from) if args.reference_from else None,
+        limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         sample=args.sample, temperature=args.temperature, seed=args.seed, robustness=args.robustness,
         efficiency=args.efficiency, harness=parse_tasks(args.harness) if args.harness else [], device=args.device,
         dtype=args.dtype, show_progress=not args.no_progress, overwrite=args.overwrite,
-        trust_remote_code=args.trust_remote_code)
+        trust_remote_code=args.trust_remote_code, judge_url=args.judge_url, judge_model=args.judge_model,
+        judge_api_key_env=args.judge_api_key_env, judge_prompt=args.judge_prompt, judge_max_tokens=args.judge_max_tokens,
+        judge_concurrency=args.judge_concurrency)
 
 
 def run_eval_command(args: argparse.Namespace) -> int:

@@ -29,13 +29,14 @@ import torch
 from kdlm import __version__
 from kdlm.errors import ConfigError, DataError, ModelError, OutputError
 from kdlm.evaluation import metrics as M
+from kdlm.evaluation import stats as S
 from kdlm.evaluation.answers import extract
 from kdlm.evaluation.robustness import perturb, summarize_asr
 from kdlm.evaluation.tasks import (DataSpec, Example, Task, build_context, class_options, few_shot_turns,
                                    load_examples, match_option, perturbable_span, resolve_task, with_input)
 
 SUMMARY_VERSION = 1
-SECTIONS = ("results", "retention", "agreement", "robustness", "ood", "efficiency", "harness")
+SECTIONS = ("results", "retention", "agreement", "robustness", "ood", "efficiency", "harness", "judge")
 
 
 # ----------------------------------------------------------------------------- settings and inputs
@@ -62,6 +63,16 @@ class EvalSettings:
     show_progress: bool = True
     overwrite: bool = False
     trust_remote_code: bool = False
+    # LLM-as-judge (kdlm.evaluation.judge): pairwise win rate of each student against the reference
+    judge_url: Optional[str] = None
+    judge_model: Optional[str] = None
+    judge_api_key_env: Optional[str] = None
+    judge_prompt: Optional[str] = None
+    judge_max_tokens: int = 256
+    judge_concurrency: int = 4
+    # an earlier evaluation folder whose reference-model figures are reused instead of recomputed (kdlm compare
+    # evaluates every variant against the same teacher: its generations are made once)
+    reference_from: Optional[Path] = None
 
 
 @dataclass
@@ -165,7 +176,8 @@ def resolve_models(specs: list[str], teacher: Optional[str]) -> list[ModelEntry]
 
 def prepare_task(task: Task, settings: EvalSettings) -> PreparedTask:
     """Load a task's examples (and OOD/adversarial sets and perturbations when --robustness), checking them all."""
-    data_dir, limit = Path(settings.data_dir), settings.limit
+    data_dir = Path(settings.data_dir)
+    limit = min((x for x in (settings.limit, task.limit) if x is not None), default=None)
     main = _prepare_set("main", task, task.data, data_dir, limit, None)
     pt = PreparedTask(task, main, few_shot_turns(task, data_dir), settings.max_new_tokens or task.max_new_tokens)
     if settings.robustness:
@@ -312,8 +324,11 @@ def score_classification(ex: Example, user: str, options: tuple[str, ...], answe
 def aggregate(task: Task, rows: list[dict]) -> dict[str, Optional[float]]:
     """The task's metrics over its rows (classification adds its ECE, perplexity its token count)."""
     if task.type == "classification":
-        return {"accuracy": M.accuracy([r["correct"] for r in rows]),
-                "ece": M.expected_calibration_error([r["confidence"] for r in rows], [r["correct"] for r in rows])}
+        correct = [r["correct"] for r in rows]
+        classes = sorted({r["reference"] for r in rows})
+        return {"accuracy": M.accuracy(correct),
+                "balanced_accuracy": S.balanced_accuracy([classes.index(r["reference"]) for r in rows], correct),
+                "ece": M.expected_calibration_error([r["confidence"] for r in rows], correct)}
     if task.type == "perplexity":
         nll, tokens = sum(r["nll"] for r in rows), sum(r["tokens"] for r in rows)
         out = {"perplexity": M.perplexity(nll, tokens), "ce": M.cross_entropy(nll, tokens)}
@@ -517,6 +532,9 @@ def run_evaluation(settings: EvalSettings) -> dict:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device, trainable=False)
     dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
+    from kdlm.evaluation.judge import open_judge
+
+    judge = open_judge(settings)  # None without --judge-url; the server and model are checked here
 
     summary: dict[str, Any] = {
         "kdlm_eval_version": SUMMARY_VERSION,
@@ -524,8 +542,12 @@ def run_evaluation(settings: EvalSettings) -> dict:
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "reference": entries[0].label,
         "models": [],
-        "tasks": [{"name": p.name, "type": p.task.type, "primary_metric": p.task.primary_metric, "limit": settings.limit,
-                   "n": len(p.main.examples), "file": p.task.file, "description": p.task.description} for p in prepared],
+        "tasks": [{"name": p.name, "type": p.task.type, "primary_metric": p.task.primary_metric,
+                   "limit": min((x for x in (settings.limit, p.task.limit) if x is not None), default=None),
+                   "n": len(p.main.examples), "file": p.task.file, "description": p.task.description,
+                   **({"majority_baseline": S.majority_baseline(p.main.answer_index)}
+                      if p.task.type == "classification" else {})} for p in prepared],
+        "intervals": {},  # label -> task -> metric -> {ci_low, ci_high}: bootstrap 95% over examples
         **{section: {} for section in SECTIONS},
         "settings": {"limit": settings.limit, "batch_size": settings.batch_size, "max_new_tokens": settings.max_new_tokens,
                      "sample": settings.sample, "temperature": settings.temperature if settings.sample else None,
@@ -540,6 +562,11 @@ def run_evaluation(settings: EvalSettings) -> dict:
                 why = ("its robustness is off in the task file" if not pt.task.robustness.enabled else
                        "its examples are not simply right or wrong (no accuracy/exact_match)")
                 summary["notes"].append(f"{pt.name}: no perturbations, OOD or adversarial sets: {why}")
+    if judge is not None:
+        judge.annotate(summary, prepared, entries)
+    reference = reference_summary(settings, entries[0], prepared)
+    if reference is not None:
+        summary["notes"].append(f"{entries[0].label}: figures reused from {settings.reference_from}")
     out.mkdir(parents=True, exist_ok=True)
     teacher: Optional[LoadedModel] = None
     teacher_rows: dict[str, list[dict]] = {}
@@ -552,9 +579,14 @@ def run_evaluation(settings: EvalSettings) -> dict:
         summary["models"].append({"label": entry.label, "path": entry.path, "parameters": E.parameter_count(lm.model),
                                   "disk_mb": E.disk_mb(entry.source.path, entry.source.gguf_file),
                                   "source": entry.source.path, "role": role})
+        reused = reference if k == 0 else None
         for pt in prepared:
             task_dir = out / safe_name(entry.label) / safe_name(pt.name)
-            rows = run_examples(lm, pt, pt.main, settings)
+            if reused is not None:
+                rows = read_jsonl(Path(settings.reference_from) / safe_name(entry.label) / safe_name(pt.name)
+                                  / "predictions.jsonl")
+            else:
+                rows = run_examples(lm, pt, pt.main, settings)
             values = aggregate(pt.task, rows)
             summary["results"].setdefault(entry.label, {})[pt.name] = {**values, "n": len(rows)}
             extra: dict[str, Any] = {}
@@ -570,7 +602,15 @@ def run_evaluation(settings: EvalSettings) -> dict:
                     agree["ece"] = values.get("ece") if pt.task.type == "classification" else None
                     summary["agreement"].setdefault(entry.label, {})[pt.name] = numeric_view(agree)
                     extra["agreement"] = agree
-            if settings.robustness:
+                if judge is not None and pt.task.type == "generation":
+                    judged = judge.judge_task(pt, teacher_rows[pt.name], rows, task_dir, label=entry.label)
+                    summary["judge"].setdefault(entry.label, {})[pt.name] = numeric_view(judged)
+                    extra["judge"] = judged
+            if reused is not None:
+                for section in ("robustness", "ood"):
+                    if pt.name in reused.get(section, {}).get(entry.label, {}):
+                        summary[section].setdefault(entry.label, {})[pt.name] = reused[section][entry.label][pt.name]
+            elif settings.robustness:
                 if pt.perturbed or pt.adversarial:
                     rob = robustness_for(lm, pt, rows, settings, task_dir)
                     summary["robustness"].setdefault(entry.label, {})[pt.name] = numeric_view(rob)
@@ -579,9 +619,15 @@ def run_evaluation(settings: EvalSettings) -> dict:
                     ood = ood_for(lm, pt, values, settings, task_dir)
                     summary["ood"].setdefault(entry.label, {})[pt.name] = numeric_view(ood)
                     extra["ood"] = ood
+            intervals = S.intervals_for_rows(pt.task.type, pt.task.metrics, rows, pt.main.options, seed=settings.seed)
+            summary["intervals"].setdefault(entry.label, {})[pt.name] = {
+                m: {"ci_low": lo, "ci_high": hi} for m, (lo, hi) in intervals.items()}
+            extra["intervals"] = intervals
             write_set(task_dir, entry.label, pt.task, rows, values, **extra,
                       settings={"max_new_tokens": pt.max_new_tokens, **summary["settings"]})
-        if settings.efficiency:
+        if settings.efficiency and reused is not None and entry.label in reused.get("efficiency", {}):
+            summary["efficiency"][entry.label] = reused["efficiency"][entry.label]
+        elif settings.efficiency:
             _say(settings, f"{entry.label}: measuring latency, throughput and memory")
             figures = E.measure(lm.model, lm.tokenizer, path=entry.source.path, gguf_file=entry.source.gguf_file,
                                 dtype=dtype_name, batch_size=settings.batch_size,
@@ -607,6 +653,49 @@ def run_evaluation(settings: EvalSettings) -> dict:
                                            batch_size=settings.batch_size, dtype=dtype_name)
     write_json(out / "summary.json", summary)
     return _clean(summary)
+
+
+def reference_summary(settings: EvalSettings, entry: ModelEntry, prepared: list[PreparedTask]) -> Optional[dict]:
+    """The summary of `settings.reference_from`, checked to hold the reference model's predictions for every task
+    under the same settings; None without --reference-from. Mismatches are a ConfigError naming the field."""
+    if settings.reference_from is None:
+        return None
+    folder = Path(settings.reference_from)
+    path = folder / "summary.json"
+    if not path.is_file():
+        raise ConfigError(f"--reference-from {folder}: no summary.json there (not a `kdlm eval` folder)")
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: not readable JSON ({err})") from None
+    if entry.label not in old.get("results", {}):
+        raise ConfigError(f"--reference-from {folder}: holds no results of the reference model {entry.label!r} "
+                          f"(it has {', '.join(old.get('results', {})) or 'none'})")
+    mine = {"limit": settings.limit, "max_new_tokens": settings.max_new_tokens, "sample": settings.sample,
+            "seed": settings.seed, "robustness": settings.robustness, "data_dir": str(settings.data_dir)}
+    for key, value in mine.items():
+        if old.get("settings", {}).get(key) != value:
+            raise ConfigError(f"--reference-from {folder}: was evaluated with {key}={old.get('settings', {}).get(key)!r}, "
+                              f"this evaluation uses {key}={value!r}")
+    for pt in prepared:
+        if pt.name not in old["results"][entry.label]:
+            raise ConfigError(f"--reference-from {folder}: has no task {pt.name!r} for {entry.label}")
+        rows = folder / safe_name(entry.label) / safe_name(pt.name) / "predictions.jsonl"
+        if not rows.is_file():
+            raise DataError(f"{rows}: missing (needed by --reference-from)")
+    return old
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as err:
+                    raise DataError(f"{path}: line {n} is not valid JSON ({err})") from None
+    return rows
 
 
 def retention_table(results: dict, reference: str) -> dict:

@@ -25,10 +25,10 @@ BUILTIN_DIR = Path(__file__).parent / "tasks"
 TASK_TYPES = ("generation", "classification", "perplexity")
 METRICS_BY_TYPE = {
     "generation": ("rouge_l", "exact_match", "token_f1", "accuracy"),
-    "classification": ("accuracy",),
+    "classification": ("accuracy", "balanced_accuracy"),
     "perplexity": ("perplexity", "ce"),
 }
-DEFAULT_METRICS = {"generation": ["rouge_l"], "classification": ["accuracy"], "perplexity": ["perplexity", "ce"]}
+DEFAULT_METRICS = {"generation": ["rouge_l"], "classification": ["accuracy", "balanced_accuracy"], "perplexity": ["perplexity", "ce"]}
 FORMATS = ("chat", "plain")
 EXTRACTS = ("none", "number")
 PERTURBATION_KINDS = ("char", "word", "sentence")
@@ -90,6 +90,7 @@ class Task:
     format: str = "chat"
     system: Optional[str] = None
     max_new_tokens: int = 128
+    limit: Optional[int] = None  # examples of each of its sets, at most (--limit lowers it further)
     stop: tuple[str, ...] = ()
     extract: str = "none"
     option_score: str = "sum"
@@ -111,7 +112,7 @@ class Task:
                                                  any(m in ("accuracy", "exact_match") for m in self.metrics))
 
 
-TOP_KEYS = {"name", "description", "type", "metrics", "format", "system", "max_new_tokens", "stop", "extract",
+TOP_KEYS = {"name", "description", "type", "metrics", "format", "system", "max_new_tokens", "limit", "stop", "extract",
             "option_score", "option_prefix", "agreement_on", "few_shot", "ood", "adversarial", "robustness"} | set(DATA_KEYS)
 FEW_SHOT_KEYS = {"k", "rewrite", "separator"} | set(DATA_KEYS)
 ROBUSTNESS_KEYS = {"enabled", "kinds", "rate"}
@@ -207,8 +208,13 @@ def _template_fields(template: str, f: _Fields, key: str) -> list[str]:
 def _parse_data(f: _Fields, base: Optional[DataSpec]) -> DataSpec:
     """The data keys of a mapping, over `base` (the task's own data for OOD/adversarial/few-shot sets)."""
     values: dict[str, Any] = {}
+    raw_source = f.raw.get("source")
+    if isinstance(raw_source, list):  # several files read as one set, e.g. two single-class files made balanced
+        if len(raw_source) < 2 or not all(isinstance(x, str) and x for x in raw_source):
+            raise f.fail("source", "a list of sources needs at least two file names")
+        values["source"] = " + ".join(raw_source)
     for key in ("source", "split", "subset", "explode", "template", "reference", "input_field", "input_pattern"):
-        value = f.get(key, str)
+        value = f.get(key, str) if not (key == "source" and "source" in values) else None
         if value is not None:
             values[key] = value
     if base is None and "source" not in values:
@@ -262,12 +268,16 @@ def parse_task(raw: dict, default_name: str, where: str) -> Task:
     max_new = f.get("max_new_tokens", int, 128)
     if max_new < 1:
         raise f.fail("max_new_tokens", f"must be >= 1 (got {max_new})")
+    limit = f.get("limit", int)
+    if limit is not None and limit < 1:
+        raise f.fail("limit", f"must be >= 1 (got {limit})")
     task = Task(
         name=name, type=task_type, data=data, metrics=metrics, file=where,
         description=f.get("description", str, ""),
         format=f.get("format", str, "plain" if task_type == "perplexity" else "chat", choices=FORMATS),
         system=f.get("system", str),
         max_new_tokens=max_new,
+        limit=limit,
         stop=f.str_list("stop", ()),
         extract=extract,
         option_score=f.get("option_score", str, "sum", choices=("sum", "mean")),
@@ -354,7 +364,12 @@ def source_path(source: str, data_dir: Path) -> Path:
 
 
 def read_rows(spec: DataSpec, data_dir: Path, task_name: str) -> list[tuple[str, dict]]:
-    """(where, row) pairs: `where` is "FILE line N" for error messages. Rows are exploded when `explode` is set."""
+    """(where, row) pairs: `where` is "FILE line N" for error messages. Rows are exploded when `explode` is set.
+    A source listing several files ("a.jsonl + b.jsonl", from a YAML list) interleaves their rows (first row of
+    each, then the second of each, ...), so that --limit keeps every file's share."""
+    if " + " in spec.source:
+        parts = [read_rows(replace(spec, source=part), data_dir, task_name) for part in spec.source.split(" + ")]
+        return [rows[i] for i in range(max(map(len, parts))) for rows in parts if i < len(rows)]
     path = source_path(spec.source, data_dir)
     if is_hub_source(spec.source) and not path.is_file():
         rows = _read_hub(spec, task_name)

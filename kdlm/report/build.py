@@ -2,9 +2,9 @@
 
 Section order, each omitted with a one-line note when its data are absent:
 
-    Comparison (methods x metrics) -> Retention -> Quality vs size and latency (Pareto)
-    -> Agreement with the teacher -> Robustness -> Out-of-distribution -> Efficiency
-    -> Harness -> Task metrics -> Training runs
+    Method comparison (one per `kdlm compare` folder; compare_section.py) -> Comparison (methods x metrics)
+    -> Retention -> Quality vs size and latency (Pareto) -> Agreement with the teacher -> Robustness
+    -> Out-of-distribution -> Efficiency -> Harness -> Task metrics -> Training runs
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ class Col:
     get: Callable[[Any], Optional[float]]
     fmt: Callable[[Optional[float]], str] = fmt_num
     lower: Optional[bool] = None  # None: not ranked (no bold)
+    suffix: Optional[Callable[[Any], str]] = None  # text after a known value (an interval), outside the ranking
 
 
 @dataclass
@@ -107,8 +108,8 @@ def ranked_table(lead_headers: list[str], rows: list[Row], cols: list[Col], *, c
                  drop_empty: bool = True) -> Table:
     """A table whose best value in each ranked column (per group, among ranked rows) is bold.
 
-    Ties are judged on the displayed text, so every cell that reads like the best one is bold too.
-    Columns with no value in any row are dropped.
+    Ties are judged on the displayed value (without a column's suffix), so every cell that reads like the
+    best one is bold too. Columns with no value in any row are dropped.
     """
     values = [[col.get(row.key) for col in cols] for row in rows]
     keep = [j for j in range(len(cols)) if not drop_empty or any(values[i][j] is not None for i in range(len(rows)))]
@@ -128,6 +129,8 @@ def ranked_table(lead_headers: list[str], rows: list[Row], cols: list[Col], *, c
         for j in keep:
             text = cols[j].fmt(values[i][j])
             bold = row.ranked and values[i][j] is not None and best.get((j, row.group)) == text
+            if cols[j].suffix is not None and values[i][j] is not None:
+                text += cols[j].suffix(row.key)
             cells.append(Cell(text, bold=bold, numeric=values[i][j] is not None))
         table_rows.append(cells)
     return Table(headers=lead_headers + [cols[j].header for j in keep], rows=table_rows, caption=caption)
@@ -256,6 +259,8 @@ class ReportBuilder:
 
     def build(self) -> Document:
         doc = Document(title=self.title, intro=self._intro())
+        doc.sections += self._method_comparison()
+        compares = self.inputs.compares
         if self.ev is not None:
             builders = [self._comparison, self._retention, self._pareto, self._agreement, self._robustness,
                         self._ood, self._efficiency, self._harness, self._task_metrics]
@@ -263,12 +268,25 @@ class ReportBuilder:
                 section = make()
                 if section is not None:
                     doc.sections.append(section)
-        else:
+        elif not compares:  # a compare folder alone is a complete report: no notes about what it does not need
             doc.sections.append(Section("Evaluation", [Note(
                 "No evaluation folder given (no summary.json): comparison, retention, Pareto, robustness and "
                 "efficiency sections omitted. Run `kdlm eval` and pass its folder too.")]))
-        doc.sections += self._training()
+        if self.inputs.runs or not compares:
+            doc.sections += self._training()
         return doc
+
+    def _method_comparison(self) -> list[Section]:
+        """One "Method comparison" section (with its subsections) per `kdlm compare` folder, first in the report."""
+        from kdlm.report.compare_section import compare_sections  # it builds on this module's tables
+
+        compares = self.inputs.compares
+        sections: list[Section] = []
+        for i, data in enumerate(compares):
+            several = len(compares) > 1
+            sections += compare_sections(data, figure=f"compare_training{f'_{i + 1}' if several else ''}.png",
+                                         titled=several)
+        return sections
 
     def _intro(self) -> list:
         now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip()
@@ -277,6 +295,9 @@ class ReportBuilder:
         for src in self.ev.sources if self.ev else []:
             details = ", ".join(f"{k} {src[k]}" for k in ("created", "device", "reference") if src.get(k))
             items.append(f"evaluation {src['path']}" + (f" ({details})" if details else ""))
+        for data in self.inputs.compares:
+            details = ", ".join(f"{k} {data.raw[k]}" for k in ("grid", "created") if data.raw.get(k))
+            items.append(f"comparison {data.path}" + (f" ({details})" if details else ""))
         for run in self.inputs.runs:
             items.append(f"run {run.path}")
         blocks.append(Bullets(items))

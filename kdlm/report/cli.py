@@ -14,13 +14,17 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `report` sub-command to an argparse sub-parsers object; returns its parser."""
     p = subparsers.add_parser(
         "report",
-        help="write a Markdown + self-contained HTML report from eval and run folders",
+        help="write a Markdown + self-contained HTML report from eval, run and compare folders",
         description="Write DIR/report.md (with PNG charts beside it) and DIR/report.html (one self-contained page) "
-                    "from evaluation folders (summary.json, from `kdlm eval`) and distillation run folders "
-                    "(resolved_config.yaml + metrics.jsonl, from `kdlm distill`). Several evaluation folders "
-                    "are merged: models by label, tasks by name, later folders adding to earlier ones.",
+                    "from evaluation folders (summary.json, from `kdlm eval`), distillation run folders "
+                    "(resolved_config.yaml + metrics.jsonl, from `kdlm distill`) and compare folders "
+                    "(compare.json, from `kdlm compare`). Several evaluation folders are merged: models by label, "
+                    "tasks by name, later folders adding to earlier ones. A compare folder becomes the report's "
+                    "first section, Method comparison (every variant against the baseline, with 95% intervals "
+                    "and its runs' training curves); its per-variant eval folders are not merged into the others.",
     )
-    p.add_argument("inputs", nargs="+", metavar="FOLDER", help="evaluation folder or distillation run folder (repeatable)")
+    p.add_argument("inputs", nargs="+", metavar="FOLDER",
+                   help="evaluation folder, distillation run folder or compare folder (repeatable)")
     p.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="folder to write report.md, its PNGs and report.html to (created if missing; "
                         "an existing report there is replaced once the new one is fully rendered)")

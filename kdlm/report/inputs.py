@@ -3,8 +3,9 @@
 Everything is read and validated here, before anything is drawn or written, so that bad
 input fails with one line naming the file and never leaves a half-written report.
 
-    eval folder : summary.json                      (schema: kdlm_eval_version 1, see docs/guides/report.md)
-    run folder  : resolved_config.yaml + metrics.jsonl [+ final_metrics.json]
+    eval folder    : summary.json                      (schema: kdlm_eval_version 1, see docs/guides/report.md)
+    run folder     : resolved_config.yaml + metrics.jsonl [+ final_metrics.json]
+    compare folder : compare.json                      (kdlm_compare_version 1; read by compare_section.py)
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 import yaml
 
 from kdlm.errors import DataError
+
+if TYPE_CHECKING:
+    from kdlm.report.compare_section import CompareData
+
+T = TypeVar("T")
 
 EVAL_VERSION = 1
 # The per-model sections of summary.json, and how deep their objects nest before the numbers:
@@ -92,79 +98,94 @@ def is_run_folder(path: Path) -> bool:
 
 def load_eval_folder(path: Path) -> dict[str, Any]:
     """Parse and validate `path/summary.json`; returns the raw dict with every section present."""
-    file = path / "summary.json"
+    return read_json(path / "summary.json", _validate_summary)
+
+
+class SchemaError(Exception):
+    """A field of a JSON input that breaks its schema; `read_json` turns it into a DataError naming the file."""
+
+
+def read_json(file: Path, validate: Callable[[Any], T]) -> T:
+    """Parse `file` and hand it to `validate`; any failure is one DataError line naming the file (and the field)."""
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"{file}: cannot read ({err})") from None
     except json.JSONDecodeError as err:
-        raise DataError(f"{file}: malformed summary.json: {err.msg} at line {err.lineno} column {err.colno}") from None
+        raise DataError(f"{file}: malformed {file.name}: {err.msg} at line {err.lineno} column {err.colno}") from None
     try:
-        return _validate_summary(raw)
-    except _SchemaError as err:
-        raise DataError(f"{file}: malformed summary.json: {err}") from None
+        return validate(raw)
+    except SchemaError as err:
+        raise DataError(f"{file}: malformed {file.name}: {err}") from None
 
 
-class _SchemaError(Exception):
-    pass
+def check_header(raw: Any, command: str, version: int, strings: tuple[str, ...]) -> dict[str, Any]:
+    """A JSON object carrying `kdlm_<command>_version` == version, whose `strings` fields are strings or absent."""
+    if not isinstance(raw, dict):
+        raise SchemaError("expected a JSON object at the top level")
+    name = f"kdlm_{command}_version"
+    found = raw.get(name)
+    if found is None:
+        raise SchemaError(f"no {name} (not written by `kdlm {command}`?)")
+    if found != version:
+        raise SchemaError(f"{name} {found!r} is not supported (this kdlm reads version {version})")
+    for key in strings:
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise SchemaError(f"{key} must be a string")
+    return dict(raw)
 
 
 def _validate_summary(raw: Any) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        raise _SchemaError("expected a JSON object at the top level")
-    version = raw.get("kdlm_eval_version")
-    if version is None:
-        raise _SchemaError("no kdlm_eval_version (not written by `kdlm eval`?)")
-    if version != EVAL_VERSION:
-        raise _SchemaError(f"kdlm_eval_version {version!r} is not supported (this kdlm reads version {EVAL_VERSION})")
-    for key in ("created", "device", "reference"):
-        if raw.get(key) is not None and not isinstance(raw[key], str):
-            raise _SchemaError(f"{key} must be a string")
-    out = dict(raw)
-    out["models"] = _validate_list(raw.get("models", []), "models", "label",
-                                   {"path": str, "parameters": (int, float), "disk_mb": (int, float)})
-    out["tasks"] = _validate_list(raw.get("tasks", []), "tasks", "name",
-                                  {"type": str, "primary_metric": str, "limit": (int, float)})
+    out = check_header(raw, "eval", EVAL_VERSION, ("created", "device", "reference"))
+    out["models"] = validate_list(raw.get("models", []), "models", "label",
+                                  {"path": str, "parameters": (int, float), "disk_mb": (int, float)})
+    out["tasks"] = validate_list(raw.get("tasks", []), "tasks", "name",
+                                 {"type": str, "primary_metric": str, "limit": (int, float)})
     for name in SECTIONS:
         section = raw.get(name)
         out[name] = {} if section is None else section
         # efficiency is label -> {field: number or {ratio: number}}; the others are label -> task -> {...}
-        _validate_nested(out[name], name, depth=2 if name == "efficiency" else 3)
+        validate_nested(out[name], name, depth=2 if name == "efficiency" else 3)
     return out
 
 
-def _validate_list(items: Any, where: str, key: str, types: dict[str, Any]) -> list[dict[str, Any]]:
+def validate_list(items: Any, where: str, key: str, types: dict[str, Any]) -> list[dict[str, Any]]:
+    """A list of objects, each with a non-empty string `key`; each field in `types` absent, null or of its type."""
     if not isinstance(items, list):
-        raise _SchemaError(f"{where} must be a list")
+        raise SchemaError(f"{where} must be a list")
     for i, item in enumerate(items):
         if not isinstance(item, dict):
-            raise _SchemaError(f"{where}[{i}] must be an object")
+            raise SchemaError(f"{where}[{i}] must be an object")
         if not isinstance(item.get(key), str) or not item[key]:
-            raise _SchemaError(f"{where}[{i}].{key} must be a non-empty string")
+            raise SchemaError(f"{where}[{i}].{key} must be a non-empty string")
         for name, kind in types.items():
             value = item.get(name)
-            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-                raise _SchemaError(f"{where}[{i}].{name} has the wrong type ({type(value).__name__})")
+            if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and not _allows_bool(kind))):
+                raise SchemaError(f"{where}[{i}].{name} has the wrong type ({type(value).__name__})")
     return items
 
 
-def _validate_nested(node: Any, where: str, depth: int) -> None:
+def _allows_bool(kind: Any) -> bool:
+    return bool in (kind if isinstance(kind, tuple) else (kind,))
+
+
+def validate_nested(node: Any, where: str, depth: int) -> None:
     """Objects down to `depth`, then numbers, nulls, or (one level deeper) objects of numbers."""
     if depth > 0:
         if not isinstance(node, dict):
-            raise _SchemaError(f"{where} must be an object")
+            raise SchemaError(f"{where} must be an object")
         for key, value in node.items():
-            _validate_nested(value, f"{where}.{key}", depth - 1)
+            validate_nested(value, f"{where}.{key}", depth - 1)
         return
     if isinstance(node, dict):  # asr {kind: x}, ood {set: x}, ratios {metric: x}
         for key, value in node.items():
-            if not _is_number_or_null(value):
-                raise _SchemaError(f"{where}.{key} must be a number or null, got {type(value).__name__}")
-    elif not _is_number_or_null(node):
-        raise _SchemaError(f"{where} must be a number or null, got {type(node).__name__}")
+            if not is_number_or_null(value):
+                raise SchemaError(f"{where}.{key} must be a number or null, got {type(value).__name__}")
+    elif not is_number_or_null(node):
+        raise SchemaError(f"{where} must be a number or null, got {type(node).__name__}")
 
 
-def _is_number_or_null(value: Any) -> bool:
+def is_number_or_null(value: Any) -> bool:
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
@@ -310,31 +331,42 @@ class Inputs:
     evals: Optional[EvalData]
     runs: list[RunData]
     run_of_model: dict[str, RunData]  # eval label -> the run that produced that model, when it can be told
+    compares: list["CompareData"] = field(default_factory=list)  # `kdlm compare` folders (compare.json)
 
 
 def load_inputs(paths: list[str | Path]) -> Inputs:
-    """Classify and load every input path; a path that is neither kind of folder is a DataError."""
+    """Classify and load every input path; a path that is none of the three kinds of folder is a DataError.
+
+    A compare folder (compare.json) is read on its own: its per-variant eval folders are not merged into
+    the evaluation sections, and its run folders only feed its own training curves.
+    """
+    from kdlm.report.compare_section import is_compare_folder, load_compare_folder
+
     if not paths:
-        raise DataError("no input folders given (pass evaluation and/or run folders)")
+        raise DataError("no input folders given (pass evaluation, run and/or compare folders)")
     evals: list[tuple[Path, dict[str, Any]]] = []
     runs: list[RunData] = []
+    compares: list[CompareData] = []
     for item in paths:
         path = Path(item)
         if not path.exists():
             raise DataError(f"{path}: no such folder")
         if not path.is_dir():
-            raise DataError(f"{path}: not a folder (expected an evaluation folder or a run folder)")
+            raise DataError(f"{path}: not a folder (expected an evaluation, run or compare folder)")
+        if is_compare_folder(path):
+            compares.append(load_compare_folder(path))
+            continue
         as_eval, as_run = is_eval_folder(path), is_run_folder(path)
         if not (as_eval or as_run):
             raise DataError(f"{path}: neither an evaluation folder (summary.json) nor a distillation run folder "
-                            f"(resolved_config.yaml + metrics.jsonl)")
+                            f"(resolved_config.yaml + metrics.jsonl) nor a compare folder (compare.json)")
         if as_eval:
             evals.append((path, load_eval_folder(path)))
         if as_run:
             runs.append(load_run_folder(path))
     _unique_run_names(runs)
     data = merge_evals(evals) if evals else None
-    return Inputs(evals=data, runs=runs, run_of_model=_match_runs(data, runs) if data else {})
+    return Inputs(evals=data, runs=runs, run_of_model=_match_runs(data, runs) if data else {}, compares=compares)
 
 
 def _unique_run_names(runs: list[RunData]) -> None:

@@ -61,6 +61,8 @@ def run_loop(loop: Loop, state: dict, *, on_step: Optional[Callable[[int], None]
     window = _Window(len(unwrapped.terms), acc.device)
     started = time.perf_counter()
     while state["step"] < cfg.max_steps:
+        if cfg.max_tokens is not None and state.get("budget_tokens", 0) >= cfg.max_tokens:
+            break  # resumed from the checkpoint of a run whose token budget was already spent
         for hook in loop.schedules:
             unwrapped.terms = hook.terms(unwrapped.terms)
         terms = unwrapped.terms
@@ -77,8 +79,11 @@ def run_loop(loop: Loop, state: dict, *, on_step: Optional[Callable[[int], None]
         window.add(torch.stack([term_totals[t.label] for t in terms]).double(), global_count, extra)
 
         # a wall-clock budget ends the run like max_steps does; the clock is the main process's, broadcast
-        out_of_time = cfg.max_seconds is not None and _budget_spent(acc, started, cfg.max_seconds)
-        last = state["step"] == cfg.max_steps or out_of_time
+        out_of_budget = cfg.max_seconds is not None and _budget_spent(acc, started, cfg.max_seconds)
+        if cfg.max_tokens is not None:  # global_count is already summed over processes: every rank agrees
+            state["budget_tokens"] = state.get("budget_tokens", 0) + int(global_count.item())
+            out_of_budget = out_of_budget or state["budget_tokens"] >= cfg.max_tokens
+        last = state["step"] == cfg.max_steps or out_of_budget
         if state["step"] % cfg.log_every == 0 or last:
             record = window.record(acc, terms, lr=loop.scheduler.get_last_lr()[0])
             if grad_norm is not None:
@@ -101,7 +106,7 @@ def run_loop(loop: Loop, state: dict, *, on_step: Optional[Callable[[int], None]
                             rank_state=loop.source.rank_state())
         if on_step is not None:
             on_step(state["step"])
-        if out_of_time:
+        if out_of_budget:
             break
     bar.close()
 

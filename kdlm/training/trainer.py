@@ -15,6 +15,7 @@ Then: resume (model, optimizer, data position, source and schedule state), run_l
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -393,6 +394,19 @@ def planned_dims(recipe: Recipe, *, student: bool) -> ModelDims:
     return dims
 
 
+def init_student_layers(student: str, teacher: str) -> Optional[list[int]]:
+    """The teacher layers a `kdlm init-student` folder was cut from, when it was cut from `teacher` (its
+    prune_report.json names the source), so that `layers: kept` maps it; None otherwise."""
+    report = Path(student).expanduser() / "prune_report.json"
+    if not report.is_file():
+        return None
+    try:
+        data = json.loads(report.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    return list(data["kept_layers"]) if data.get("source") == teacher and data.get("kept_layers") else None
+
+
 def resolve_features(recipe: Recipe, terms: list[Term], student: ModelDims, teacher: ModelDims,
                      kept: Optional[list[int]] = None) -> list[Term]:
     """Feature terms with their layer pairs and relation heads filled in (kdlm.losses.features)."""
@@ -400,6 +414,9 @@ def resolve_features(recipe: Recipe, terms: list[Term], student: ModelDims, teac
     if kept is None and subset:  # before the student exists: the layers keep_layers names or will choose
         keep = recipe.student.keep_layers
         kept = list(keep) if isinstance(keep, list) else list(range(keep))
+    if kept is None and recipe.student.keep_layers is None:
+        kept = init_student_layers(recipe.student.model, recipe.teacher.model)
+        subset = kept is not None
     return resolve_feature_terms(terms, student=student, teacher=teacher, kept=kept if subset else None)
 
 

@@ -39,8 +39,8 @@ window.addEventListener('load', function () {
 """
 
 
-def test_report_renders_in_headless_chromium(full_report, tmp_path):
-    page = full_report.html
+def probe(page: str, tmp_path: Path) -> dict[str, str]:
+    """Render a probed copy of `page` in headless Chromium, offline; the probe's fields (images, external, ...)."""
     csp = "default-src 'none';"
     assert csp in page
     probe_page = page.replace(csp, csp + " script-src 'unsafe-inline';", 1).replace("</body>", PROBE + "</body>", 1)
@@ -56,8 +56,33 @@ def test_report_renders_in_headless_chromium(full_report, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=env)
     match = re.search(r"<title>(PROBE [^<]*)</title>", proc.stdout)
     assert match, f"no probe title in chromium output (rc {proc.returncode}): {proc.stderr[-2000:]}"
-    fields = dict(re.findall(r"(\w+) (\S+)", match.group(1).removeprefix("PROBE ")))
+    return dict(re.findall(r"(\w+) (\S+)", match.group(1).removeprefix("PROBE ")))
+
+
+def test_report_renders_in_headless_chromium(full_report, tmp_path):
+    fields = probe(full_report.html, tmp_path)
     assert fields["images"] == "5/5"
     assert fields["external"] == "0" and fields["violations"] == "0"
     assert int(fields["tables"]) >= 8
     assert fields["overflow"] == "0"  # wide tables scroll inside their own box, not the page
+
+
+def test_compare_report_renders_in_headless_chromium(tmp_path):
+    from kdlm.report import make_report
+
+    from .test_compare_section import compare_dict, write_compare_folder
+
+    compare = compare_dict()  # widen the main table past the page: 5 more columns of long interval cells
+    for i in range(5):
+        key = f"extra{i}/rouge_l"
+        compare["metrics"].insert(1, {"key": key, "task": f"extra{i}", "metric": "rouge_l", "higher_is_better": True,
+                                      "group": "task", "label": f"Extra task {i} ROUGE-L"})
+        for name, cells in compare["table"].items():
+            cells[key] = dict(cells["selfinst/rouge_l"])
+    folder = write_compare_folder(tmp_path / "cmp", compare)
+    _, html_path = make_report([folder], tmp_path / "report", title="compare <grid>")
+    fields = probe(html_path.read_text(), tmp_path)
+    assert fields["images"] == "1/1"  # the training curves
+    assert fields["external"] == "0" and fields["violations"] == "0"
+    assert fields["tables"] == "4"  # main, retention, efficiency, training
+    assert fields["overflow"] == "0"

@@ -118,3 +118,16 @@ def test_a_wall_clock_budget_stops_the_run_after_the_step_that_spends_it(recipe_
     assert latest_checkpoint(result.output_dir / "checkpoints").name == "step-000001"
     assert json.loads((result.output_dir / "final_metrics.json").read_text())["steps"] == 1
     assert [r["step"] for r in read_metrics(result.output_dir / "metrics.jsonl") if "loss/total" in r] == [1]
+
+
+def test_a_token_budget_stops_the_run_at_the_step_that_reaches_it_and_a_resume_adds_none(recipe_file):
+    full = distill(load_recipe(recipe_file, ["train.max_steps=6", "output.dir=" + str(recipe_file.parent / "full")]),
+                   show_progress=False)
+    per_step = [r["counted_tokens"] for r in read_metrics(full.output_dir / "metrics.jsonl") if "loss/total" in r]
+    budget = sum(per_step[:2]) + 1  # reached during step 3
+    result = distill(load_recipe(recipe_file, [f"train.max_tokens={budget}"]), show_progress=False)
+    assert result.steps == 3
+    counted = [r["counted_tokens"] for r in read_metrics(result.output_dir / "metrics.jsonl") if "loss/total" in r]
+    assert sum(counted) >= budget > sum(counted[:-1])
+    again = distill(load_recipe(recipe_file, [f"train.max_tokens={budget}"]), resume=True, show_progress=False)
+    assert again.steps == 3  # the budget was spent: the resumed run trains no further step

@@ -1,0 +1,289 @@
+"""Run a grid: setup once, then every variant as a plain `kdlm distill` and `kdlm eval` (separate processes, so a
+failed or out-of-memory variant cannot take the others down), then collect compare.json and the report.
+
+    OUT/grid.yaml                         a copy of the grid file, for provenance
+    OUT/setup/data/                       `kdlm generate`'s dataset folder (setup.generate)
+    OUT/setup/student/                    `kdlm init-student`'s student (setup.student)
+    OUT/baselines/teacher/eval/           the teacher's evaluation (reused by every other evaluation)
+    OUT/baselines/initial/eval/           the initial student's
+    OUT/variants/<name>/seed<k>/run/      a `kdlm distill` run folder
+    OUT/variants/<name>/seed<k>/eval/     its `kdlm eval` folder
+    OUT/variants/<name>/seed<k>/status.json   done | failed (+ error) | running
+    OUT/compare.json, OUT/report/         the comparison and its report
+
+Resumable: a step whose output is complete is skipped; a distillation with a checkpoint but no final model is
+continued with `--resume`; a failed variant is retried on the next call. `--print-commands` prints the same
+commands for a scheduler instead of running them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from kdlm.compare.grid import Grid, Variant, variant_fixed_overrides
+from kdlm.errors import KdlmError, OutputError
+
+
+@dataclass
+class Step:
+    """One command of the comparison, `kdlm <argv...>`, complete when `done()` holds."""
+
+    name: str  # e.g. "forward_kl/seed0 distill"
+    argv: list[str]
+    done: Callable[[], bool]
+    variant: Optional[str] = None
+    seed: Optional[int] = None
+    stage: str = ""  # setup | distill | eval
+    status_file: Optional[Path] = None
+
+    def shell(self) -> str:
+        return "kdlm " + " ".join(shlex.quote(a) for a in self.argv)
+
+
+def seed_dir(out: Path, variant: str, seed: int) -> Path:
+    return out / "variants" / variant / f"seed{seed}"
+
+
+def run_finished(run_dir: Path) -> bool:
+    return (run_dir / "final_metrics.json").is_file() and (run_dir / "model").is_dir()
+
+
+def eval_finished(eval_dir: Path) -> bool:
+    return (eval_dir / "summary.json").is_file()
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    ckpt = run_dir / "checkpoints"
+    return ckpt.is_dir() and any(ckpt.iterdir())
+
+
+def teacher_eval_dir(out: Path) -> Path:
+    return out / "baselines" / "teacher" / "eval"
+
+
+def eval_argv(grid: Grid, models: list[str], output: Path, *, reference_from: Optional[Path]) -> list[str]:
+    e = grid.eval
+    argv = ["eval", *models, "--output", str(output), "--batch-size", str(e.batch_size), "--dtype", e.dtype,
+            "--no-progress", "--overwrite"]
+    for t in e.tasks:
+        argv += ["--task", t]
+    if e.limit:
+        argv += ["--limit", str(e.limit)]
+    if e.max_new_tokens:
+        argv += ["--max-new-tokens", str(e.max_new_tokens)]
+    if e.data_dir:
+        argv += ["--data-dir", e.data_dir]
+    if e.robustness:
+        argv.append("--robustness")
+    if e.efficiency:
+        argv.append("--efficiency")
+    if reference_from is not None:
+        argv += ["--reference-from", str(reference_from)]
+    if e.judge and len(models) > 1:
+        argv += ["--judge-url", e.judge["url"]]
+        if e.judge.get("model"):
+            argv += ["--judge-model", e.judge["model"]]
+        if e.judge.get("api_key_env"):
+            argv += ["--judge-api-key-env", e.judge["api_key_env"]]
+    return argv
+
+
+def plan_steps(grid: Grid, out: Path) -> list[Step]:
+    """Every command of the comparison, in an order that runs correctly one after another. The setup and
+    teacher steps come first; each variant's steps depend only on them."""
+    out = Path(out)
+    steps: list[Step] = []
+    fixed: list[str] = []
+    if grid.setup.generate:
+        data = out / "setup" / "data"
+        steps.append(Step("setup generate", ["generate", grid.setup.generate, *_sets(grid.setup.generate_set),
+                                             "--set", f"output.dir={data}", "--set", "output.overwrite=true"],
+                          lambda d=data: _manifest_complete(d), stage="setup"))
+        fixed += [f"data.train={data}"]
+    if grid.setup.student:
+        student = out / "setup" / "student"
+        steps.append(Step("setup student", ["init-student", *grid.setup.student, "--output", str(student), "--no-progress"],
+                          lambda s=student: (s / "prune_report.json").is_file(), stage="setup"))
+        fixed += [o.replace("__setup_student__", str(student)) for o in variant_fixed_overrides(grid.setup)
+                  if not o.startswith("data.train=")]
+    teacher_dir = teacher_eval_dir(out)
+    reference = grid.teacher
+    steps.append(Step("teacher eval", eval_argv(grid, [reference], teacher_dir, reference_from=None),
+                      lambda d=teacher_dir: eval_finished(d), variant="teacher", stage="eval"))
+    if grid.baselines.get("initial"):
+        initial = str(out / "setup" / "student") if grid.setup.student else _base_student(grid)
+        d = out / "baselines" / "initial" / "eval"
+        steps.append(Step("initial eval", eval_argv(grid, [reference, initial], d, reference_from=teacher_dir),
+                          lambda d=d: eval_finished(d), variant="initial", stage="eval"))
+    for v in grid.trained:
+        for seed in grid.seeds:
+            sd = seed_dir(out, v.name, seed)
+            run_dir, ev = sd / "run", sd / "eval"
+            sets = [*grid.common, *fixed, *v.overrides, grid.budget.override(), f"train.seed={seed}",
+                    f"output.dir={run_dir}", "output.overwrite=true", "train.save_every=" + str(_save_every(grid))]
+            argv = ["distill", str(grid.recipe), *_sets(sets), "--no-progress"]
+            if has_checkpoint(run_dir) and not run_finished(run_dir):
+                argv.append("--resume")
+            steps.append(Step(f"{v.name}/seed{seed} distill", argv, lambda r=run_dir: run_finished(r), v.name, seed,
+                              "distill", sd / "status.json"))
+            steps.append(Step(f"{v.name}/seed{seed} eval", eval_argv(grid, [reference, str(run_dir)], ev,
+                                                                     reference_from=teacher_dir),
+                              lambda e=ev: eval_finished(e), v.name, seed, "eval", sd / "status.json"))
+    return steps
+
+
+def _save_every(grid: Grid) -> int:
+    """Checkpoint about 4 times per run at a steps budget (a killed variant resumes), else every 25 steps."""
+    return max(1, int(grid.budget.value) // 4) if grid.budget.kind == "steps" else 25
+
+
+def _sets(items) -> list[str]:
+    return [x for item in items for x in ("--set", item)]
+
+
+def _manifest_complete(folder: Path) -> bool:
+    try:
+        return bool(json.loads((folder / "manifest.json").read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
+def _base_student(grid: Grid) -> str:
+    from kdlm.config.load import load_recipe
+
+    return load_recipe(grid.recipe, list(grid.common)).student.model
+
+
+def print_commands(grid: Grid, out: Path) -> str:
+    """The plain commands, grouped so that a scheduler can run the variants in parallel (one array task each)."""
+    steps = plan_steps(grid, out)
+    lines = [f"# kdlm compare {grid.file} -o {out}: {len(grid.trained)} trained variants x {len(grid.seeds)} seed(s), "
+             f"budget {grid.budget.describe()}",
+             "# 1. setup and baselines, once, in this order:"]
+    lines += [s.shell() for s in steps if s.variant in (None, "teacher", "initial")]
+    lines.append("# 2. one job per line (independent of each other; each needs step 1):")
+    by_job: dict[tuple, list[Step]] = {}
+    for s in steps:
+        if s.variant not in (None, "teacher", "initial"):
+            by_job.setdefault((s.variant, s.seed), []).append(s)
+    lines += [" && ".join(s.shell() for s in job) for job in by_job.values()]
+    lines.append("# 3. then collect the table and the report (skips everything already done):")
+    lines.append(f"kdlm compare {shlex.quote(str(grid.file))} -o {shlex.quote(str(out))}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@dataclass
+class Outcome:
+    status: dict[tuple[str, int], dict] = field(default_factory=dict)  # (variant, seed) -> status
+    seconds: float = 0.0
+
+
+def _say(text: str) -> None:
+    print(f"kdlm compare: {text}", file=sys.stderr, flush=True)
+
+
+def _write_status(path: Path, status: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(status, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _error_line(stderr: str, code: int) -> str:
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ln.startswith("kdlm: error:"):
+            return ln[len("kdlm: error:"):].strip()
+    for ln in reversed(lines):
+        if "Error" in ln or "error" in ln:
+            return ln[-300:]
+    return f"exit status {code}" + (f": {lines[-1][-300:]}" if lines else "")
+
+
+def run_command(argv: list[str], log: Path) -> tuple[int, str]:
+    """`python -m kdlm ARGV`, its output appended to `log`; (exit status, stderr tail)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with log.open("a", encoding="utf-8") as fh:
+        fh.write(f"\n$ kdlm {' '.join(shlex.quote(a) for a in argv)}\n")
+        fh.flush()
+        start = fh.tell()
+        # both streams go to the log as they come (progress can be followed with tail -f)
+        proc = subprocess.run([sys.executable, "-m", "kdlm", *argv], stdout=fh, stderr=subprocess.STDOUT, env=env)
+    with log.open("rb") as fh:
+        fh.seek(max(start, log.stat().st_size - 20000))
+        tail = fh.read().decode("utf-8", errors="replace")
+    return proc.returncode, tail
+
+
+def run_grid(grid: Grid, out: Path, *, runner: Callable[[list[str], Path], tuple[int, str]] = run_command) -> Outcome:
+    """Run every step not yet done. A failed setup or teacher step stops the comparison (a KdlmError); a failed
+    variant is recorded in its status.json and the others go on."""
+    out = Path(out)
+    _prepare_output(grid, out)
+    outcome = Outcome()
+    start = time.perf_counter()
+    failed: set[tuple] = set()
+    steps = plan_steps(grid, out)
+    for i, step in enumerate(steps, 1):
+        key = (step.variant, step.seed)
+        if step.done():
+            _say(f"[{i}/{len(steps)}] {step.name}: done already, skipped")
+            if step.status_file and step.stage == "eval":
+                _write_status(step.status_file, {"status": "done", "error": None})
+            continue
+        if key in failed:
+            continue
+        _say(f"[{i}/{len(steps)}] {step.name}: {step.shell()}")
+        if step.status_file:
+            _write_status(step.status_file, {"status": "running", "stage": step.stage, "error": None})
+        t0 = time.perf_counter()
+        code, stderr = runner(step.argv, out / "logs" / f"{step.name.replace('/', '_').replace(' ', '_')}.log")
+        seconds = time.perf_counter() - t0
+        if code != 0 or not step.done():
+            error = _error_line(stderr, code) if code != 0 else "finished without its output"
+            _say(f"[{i}/{len(steps)}] {step.name}: FAILED after {seconds:.0f} s: {error}")
+            if step.status_file is None:
+                raise KdlmError(f"{step.name} failed, so no variant can be compared: {error} "
+                                f"(log: {out / 'logs'})")
+            failed.add(key)
+            _write_status(step.status_file, {"status": "failed", "stage": step.stage, "error": error})
+            continue
+        _say(f"[{i}/{len(steps)}] {step.name}: done in {seconds:.0f} s")
+        if step.status_file:
+            _write_status(step.status_file, {"status": "done" if step.stage == "eval" else "trained", "error": None,
+                                             f"{step.stage}_seconds": round(seconds, 1)})
+    outcome.seconds = time.perf_counter() - start
+    return outcome
+
+
+def _prepare_output(grid: Grid, out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder")
+    copy = out / "grid.yaml"
+    if copy.is_file():
+        old = copy.read_text(encoding="utf-8")
+        if old != grid.file.read_text(encoding="utf-8"):
+            raise OutputError(f"{out}: holds a comparison of a different grid (its grid.yaml differs from "
+                              f"{grid.file}); choose another -o or remove {out}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(grid.file, copy)
+
+
+def created_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
