@@ -233,3 +233,39 @@ def test_references_checked_before_loading(tmp_path, write_task):
                       "extract: number\nmetrics: [accuracy]\n")
     with pytest.raises(DataError, match=r"q.jsonl line 1: no answer can be extracted from the reference"):
         run_evaluation(EvalSettings(models=["/no/model"], tasks=[str(task)], output=tmp_path / "o", data_dir=tmp_path))
+
+
+def test_reference_from_reuses_the_teachers_predictions_and_refuses_other_settings(tiny_model_dir, tiny_student_dir,
+                                                                                    data_dir, sentiment_task, tmp_path):
+    common = dict(tasks=["selfinst", str(sentiment_task)], data_dir=data_dir, max_new_tokens=4, batch_size=4,
+                  robustness=True, show_progress=False)
+    first = run_evaluation(EvalSettings(models=[str(tiny_model_dir)], output=tmp_path / "teacher", **common))
+    both = run_evaluation(EvalSettings(models=[str(tiny_model_dir), str(tiny_student_dir)], output=tmp_path / "s",
+                                       reference_from=tmp_path / "teacher", **common))
+    ref = first["reference"]
+    assert both["results"][ref] == first["results"][ref]
+    assert both["ood"][ref] == first["ood"][ref] and both["robustness"][ref] == first["robustness"][ref]
+    assert read_jsonl(tmp_path / "s" / ref / "selfinst" / "predictions.jsonl") == \
+        read_jsonl(tmp_path / "teacher" / ref / "selfinst" / "predictions.jsonl")
+    assert any("reused" in n for n in both["notes"])
+    student = next(m["label"] for m in both["models"] if m["role"] == "student")
+    assert both["agreement"][student]["tiny_sentiment"]["kl_to_teacher"] is not None
+    with pytest.raises(ConfigError, match="max_new_tokens=4.*max_new_tokens=5"):
+        run_evaluation(EvalSettings(models=[str(tiny_model_dir), str(tiny_student_dir)], output=tmp_path / "x",
+                                    reference_from=tmp_path / "teacher", **{**common, "max_new_tokens": 5}))
+    with pytest.raises(ConfigError, match="no summary.json"):
+        run_evaluation(EvalSettings(models=[str(tiny_model_dir)], output=tmp_path / "y", reference_from=tmp_path,
+                                    **common))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_classification_reports_balanced_accuracy_majority_baseline_and_intervals(full_eval):
+    summary, out = full_eval
+    task = next(t for t in summary["tasks"] if t["name"] == "tiny_sentiment")
+    assert task["majority_baseline"] == {"accuracy": 0.5, "balanced_accuracy": 0.5, "class": 0}
+    for label, per_task in summary["results"].items():
+        assert 0.0 <= per_task["tiny_sentiment"]["balanced_accuracy"] <= 1.0
+        ci = summary["intervals"][label]["tiny_sentiment"]["balanced_accuracy"]
+        assert ci["ci_low"] <= per_task["tiny_sentiment"]["balanced_accuracy"] <= ci["ci_high"]
+        ppl = summary["intervals"][label]["tiny_ppl"]["perplexity"]
+        assert ppl["ci_low"] <= per_task["tiny_ppl"]["perplexity"] <= ppl["ci_high"]
