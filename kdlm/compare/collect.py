@@ -270,8 +270,23 @@ def collect(grid: Grid, out: Path, *, resamples: int = S.DEFAULT_RESAMPLES) -> d
         "bootstrap": {"resamples": resamples, "confidence": S.DEFAULT_CONFIDENCE, "method": "percentile; paired for differences"},
         "notes": [],
     }
+    result["notes"] += _budget_notes(grid, variants_out)
     _write_json(out / "compare.json", result)
     return result
+
+
+def _budget_notes(grid: Grid, variants: list[dict]) -> list[str]:
+    """A token budget is honoured only if train.max_steps leaves room for it: name the variants that stopped
+    at max_steps before spending it (their comparison is not at an equal budget)."""
+    notes = []
+    if grid.budget.kind != "tokens":
+        return notes
+    for v in variants:
+        tokens = (v.get("train") or {}).get("counted_tokens")
+        if tokens is not None and tokens < grid.budget.value:
+            notes.append(f"{v['name']}: trained on {tokens:.0f} counted tokens, less than the budget of "
+                         f"{grid.budget.value:.0f}: it reached train.max_steps first (raise it in the base recipe)")
+    return notes
 
 
 def _budget_text(grid: Grid) -> str:

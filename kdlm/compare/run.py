@@ -279,7 +279,8 @@ def _prepare_output(grid: Grid, out: Path) -> None:
         old = copy.read_text(encoding="utf-8")
         if old != grid.file.read_text(encoding="utf-8"):
             raise OutputError(f"{out}: holds a comparison of a different grid (its grid.yaml differs from "
-                              f"{grid.file}); choose another -o or remove {out}")
+                              f"{grid.file}); choose another -o, or delete {copy} to continue with the edited grid "
+                              f"(finished steps are kept as they are: remove the folders of those the edit changes)")
     else:
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(grid.file, copy)

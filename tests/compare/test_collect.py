@@ -112,3 +112,16 @@ def test_statuses_baselines_retention_and_best(compared):
     groups = {m["key"]: m["group"] for m in result["metrics"]}
     assert groups["tiny_sentiment/accuracy"] == "task" and groups["efficiency/parameters"] == "efficiency"
     assert np.isfinite(result["table"]["initial"]["tiny_sentiment/kl_to_teacher"]["value"])
+
+
+def test_a_variant_that_stopped_before_its_token_budget_is_noted(tmp_path, tiny_grid):
+    grid = load_grid(write_grid(tmp_path, tiny_grid, baselines=False, budget={"kind": "tokens", "value": 1000},
+                                variants=[{"name": "kd", "set": []}]))
+    out = tmp_path / "out"
+    _eval_folder(out / "baselines" / "teacher" / "eval", "teacher", [True] * 8, None, role="reference")
+    sd = out / "variants" / "kd" / "seed0"
+    _eval_folder(sd / "eval", "run", [True] * 8, [1.0] * 8)
+    _run_folder(sd / "run", 3)  # 50 counted tokens
+    result = collect(grid, out, resamples=100)
+    assert result["notes"] == ["kd: trained on 50 counted tokens, less than the budget of 1000: it reached "
+                               "train.max_steps first (raise it in the base recipe)"]
