@@ -23,6 +23,7 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -195,11 +196,42 @@ def _say(text: str) -> None:
     print(f"kdlm compare: {text}", file=sys.stderr, flush=True)
 
 
+def _read_status(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
 def _write_status(path: Path, status: dict) -> None:
+    """Write a variant's status, keeping the step timings already recorded (distill_seconds, eval_seconds)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    kept = {k: v for k, v in _read_status(path).items() if k.endswith("_seconds")}
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(status, indent=2) + "\n")
+    tmp.write_text(json.dumps({**kept, **status}, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def _claim() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+def claimed_elsewhere(path: Path) -> Optional[int]:
+    """The pid of another live `kdlm compare` on this machine that holds this variant (it is between or inside
+    its steps), so that two calls on one folder share the variants instead of running one twice; else None."""
+    status = _read_status(path)
+    pid = status.get("pid")
+    if status.get("status") not in ("running", "trained") or not isinstance(pid, int) or pid == os.getpid():
+        return None
+    if status.get("host") != socket.gethostname():
+        return None  # another machine's claim cannot be checked: a scheduler owns that case
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None  # a claim left by a process that died: take the variant over
+    except PermissionError:
+        pass
+    return pid
 
 
 def _error_line(stderr: str, code: int) -> str:
@@ -248,9 +280,13 @@ def run_grid(grid: Grid, out: Path, *, runner: Callable[[list[str], Path], tuple
             continue
         if key in failed:
             continue
+        other = claimed_elsewhere(step.status_file) if step.status_file else None
+        if other is not None:
+            _say(f"[{i}/{len(steps)}] {step.name}: being run by another kdlm compare (pid {other}), skipped")
+            continue
         _say(f"[{i}/{len(steps)}] {step.name}: {step.shell()}")
         if step.status_file:
-            _write_status(step.status_file, {"status": "running", "stage": step.stage, "error": None})
+            _write_status(step.status_file, {"status": "running", "stage": step.stage, "error": None, **_claim()})
         t0 = time.perf_counter()
         code, stderr = runner(step.argv, out / "logs" / f"{step.name.replace('/', '_').replace(' ', '_')}.log")
         seconds = time.perf_counter() - t0
@@ -266,7 +302,8 @@ def run_grid(grid: Grid, out: Path, *, runner: Callable[[list[str], Path], tuple
         _say(f"[{i}/{len(steps)}] {step.name}: done in {seconds:.0f} s")
         if step.status_file:
             _write_status(step.status_file, {"status": "done" if step.stage == "eval" else "trained", "error": None,
-                                             f"{step.stage}_seconds": round(seconds, 1)})
+                                             f"{step.stage}_seconds": round(seconds, 1),
+                                             **(_claim() if step.stage != "eval" else {})})
     outcome.seconds = time.perf_counter() - start
     return outcome
 

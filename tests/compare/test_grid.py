@@ -166,3 +166,29 @@ def test_a_comparison_folder_of_another_grid_is_refused(tmp_path, tiny_grid):
     other = load_grid(write_grid(tmp_path, tiny_grid, variants=[FKL, {"name": "b", "set": []}], name="other.yaml"))
     with pytest.raises(KdlmError, match="different grid"):
         run_grid(other, out, runner=FakeRunner())
+
+
+def test_two_calls_on_one_folder_share_the_variants(tmp_path, tiny_grid):
+    import socket
+    import subprocess
+
+    grid = load_grid(write_grid(tmp_path, tiny_grid, variants=[FKL]))
+    out = tmp_path / "out"
+    other = subprocess.Popen(["sleep", "60"])  # stands in for a second `kdlm compare` that holds forward_kl
+    try:
+        status = out / "variants" / "forward_kl" / "seed0" / "status.json"
+        status.parent.mkdir(parents=True)
+        status.write_text(json.dumps({"status": "running", "stage": "distill", "pid": other.pid,
+                                      "host": socket.gethostname()}))
+        runner = FakeRunner()
+        run_grid(grid, out, runner=runner)
+        assert not any("forward_kl" in " ".join(c) for c in runner.calls)  # left to its holder
+        assert any("variants/sft" in " ".join(c) for c in runner.calls)
+    finally:
+        other.kill()
+        other.wait()
+    runner = FakeRunner()  # the holder died: its claim is stale and the variant is taken over
+    run_grid(grid, out, runner=runner)
+    assert [c[0] for c in runner.calls] == ["distill", "eval"]
+    done = json.loads(status.read_text())
+    assert done["status"] == "done" and "pid" not in done and "distill_seconds" in done and "eval_seconds" in done
