@@ -45,7 +45,8 @@ class Source:
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # split on "\n" only: str.splitlines() also splits inside JSON strings at U+2028 and other line separators
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def _summary(folder: Path) -> dict:
@@ -370,7 +371,7 @@ def _training(sd: Path, status: dict) -> dict:
     run = sd / "run"
     final = json.loads((run / "final_metrics.json").read_text(encoding="utf-8"))
     tokens = 0
-    for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+    for line in (run / "metrics.jsonl").read_text(encoding="utf-8").split("\n"):
         if line.strip():
             rec = json.loads(line)
             tokens += rec.get("counted_tokens", 0) or 0

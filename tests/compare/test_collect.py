@@ -22,12 +22,14 @@ LABELS = ["negative", "positive", "positive", "negative", "positive", "positive"
 
 def _eval_folder(folder: Path, label: str, correct: list[bool], kl: list[float] | None, *, reference: str = "teacher",
                  role: str = "student") -> None:
-    rows = [{"index": i, "reference": ref, "prediction": ref if ok else ("positive" if ref == "negative" else "negative"),
+    # the input holds U+2028 written raw, as `kdlm eval` writes non-ASCII (a line separator for str.splitlines)
+    rows = [{"index": i, "input": "a review\u2028with a line separator", "reference": ref,
+             "prediction": ref if ok else ("positive" if ref == "negative" else "negative"),
              "correct": ok, "confidence": 0.6, **({"kl_to_teacher": kl[i], "top1_agreement": 1.0} if kl else {})}
             for i, (ref, ok) in enumerate(zip(LABELS, correct))]
     task_dir = folder / label / "tiny_sentiment"
     task_dir.mkdir(parents=True)
-    (task_dir / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (task_dir / "predictions.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     models = [{"label": reference, "role": "reference"}] + ([{"label": label, "role": "student"}] if role == "student" else [])
     summary = {"kdlm_eval_version": 1, "reference": reference, "models": models,
                "tasks": [{"name": "tiny_sentiment", "type": "classification", "primary_metric": "balanced_accuracy",
