@@ -43,10 +43,11 @@ class Source:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    # split on "\n" only: str.splitlines() also splits inside JSON strings at U+2028 and other line separators
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+    """`kdlm eval`'s reader (a bad line is a DataError naming it); a missing file is no rows. Lines end at "\n"
+    only: str.splitlines() would also split inside JSON strings at U+2028 and the other line separators."""
+    from kdlm.evaluation.run import read_jsonl
+
+    return read_jsonl(path) if path.is_file() else []
 
 
 def _summary(folder: Path) -> dict:
@@ -163,27 +164,25 @@ def collect(grid: Grid, out: Path, *, resamples: int = S.DEFAULT_RESAMPLES) -> d
             entry["status"] = "partial"
         variants_out.append(entry)
 
-    metric_defs: list[dict] = []
     stat_table: dict[str, dict[str, list[S.Statistic]]] = {}  # variant -> key -> per-seed statistics
     point_only: dict[str, dict[str, list[Optional[float]]]] = {}
     for name, srcs in sources.items():
         for src in srcs:
             for task in tasks:
-                found = dict(_prefixed(task, _metric_stats(src, task)))
+                main = _metric_stats(src, task)
+                found = dict(_prefixed(task, main))
                 for kind in ("ood", "adversarial"):
                     for set_name in task.get(kind, []):
                         sub = f"{'ood' if kind == 'ood' else 'adv'}:{set_name}"
-                        found.update(_prefixed(task, _metric_stats(src, task, sub), sub))
+                        subset = _metric_stats(src, task, sub)
+                        found.update(_prefixed(task, subset, sub))
+                        ins, shifted = main.get(task["primary_metric"]), subset.get(task["primary_metric"])
+                        if kind == "ood" and ins is not None and shifted is not None:
+                            key = f"{task['name']}/ood:{set_name}/drop"
+                            point_only.setdefault(name, {}).setdefault(key, []).append(ins.point() - shifted.point())
                 found.update(_prefixed(task, _asr_stats(src, task)))
                 for key, stat in found.items():
                     stat_table.setdefault(name, {}).setdefault(key, []).append(stat)
-                for set_name in task.get("ood", []):
-                    primary = task["primary_metric"]
-                    ins = _metric_stats(src, task).get(primary)
-                    shifted = _metric_stats(src, task, f"ood:{set_name}").get(primary)
-                    if ins is not None and shifted is not None:
-                        key = f"{task['name']}/ood:{set_name}/drop"
-                        point_only.setdefault(name, {}).setdefault(key, []).append(ins.point() - shifted.point())
             eff = src.summary.get("efficiency", {}).get(src.label, {})
             for m in EFFICIENCY:
                 if isinstance(eff.get(m), (int, float)):
@@ -191,9 +190,8 @@ def collect(grid: Grid, out: Path, *, resamples: int = S.DEFAULT_RESAMPLES) -> d
         for entry in variants_out:
             if entry["name"] == name and entry.get("train"):
                 for m, value in entry["train"].items():
-                    if isinstance(value, (int, float)):
-                        point_only.setdefault(name, {}).setdefault(f"training/{m}", [])
-                        point_only[name][f"training/{m}"] = [value]
+                    if isinstance(value, (int, float)):  # already the mean over seeds
+                        point_only.setdefault(name, {})[f"training/{m}"] = [value]
 
     keys_seen: list[str] = []
     for per in list(stat_table.values()) + list(point_only.values()):

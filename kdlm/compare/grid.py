@@ -35,7 +35,7 @@ from typing import Any, Optional
 
 import yaml
 
-from kdlm.errors import ConfigError
+from kdlm.errors import ConfigError, DataError
 
 BUDGET_KINDS = {"steps": "train.max_steps", "tokens": "train.max_tokens", "seconds": "train.max_seconds"}
 BUDGET_FIELDS = ("train.max_steps", "train.max_tokens", "train.max_seconds")
@@ -336,6 +336,6 @@ def _eval(path: Path, raw: Any, check_data: bool) -> EvalSpec:
                 prepare_task(resolve_task(t), settings)
             except ConfigError as err:
                 raise ConfigError(f"{path}: eval.tasks: {err}") from None
-            except Exception as err:  # DataError: a task's data file is missing or malformed
-                raise type(err)(f"{path}: eval.tasks: {t}: {err}") from None
+            except DataError as err:  # a task's data file is missing or malformed
+                raise DataError(f"{path}: eval.tasks: {t}: {err}") from None
     return spec

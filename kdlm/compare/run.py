@@ -27,7 +27,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -188,7 +188,6 @@ def print_commands(grid: Grid, out: Path) -> str:
 
 @dataclass
 class Outcome:
-    status: dict[tuple[str, int], dict] = field(default_factory=dict)  # (variant, seed) -> status
     seconds: float = 0.0
 
 

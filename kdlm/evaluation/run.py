@@ -176,8 +176,7 @@ def resolve_models(specs: list[str], teacher: Optional[str]) -> list[ModelEntry]
 
 def prepare_task(task: Task, settings: EvalSettings) -> PreparedTask:
     """Load a task's examples (and OOD/adversarial sets and perturbations when --robustness), checking them all."""
-    data_dir = Path(settings.data_dir)
-    limit = min((x for x in (settings.limit, task.limit) if x is not None), default=None)
+    data_dir, limit = Path(settings.data_dir), effective_limit(settings, task)
     main = _prepare_set("main", task, task.data, data_dir, limit, None)
     pt = PreparedTask(task, main, few_shot_turns(task, data_dir), settings.max_new_tokens or task.max_new_tokens)
     if settings.robustness:
@@ -188,6 +187,11 @@ def prepare_task(task: Task, settings: EvalSettings) -> PreparedTask:
             for kind in task.robustness.kinds:
                 pt.perturbed[kind] = [perturbed_user(task, ex, kind, settings.seed) for ex in main.examples]
     return pt
+
+
+def effective_limit(settings: EvalSettings, task: Task) -> Optional[int]:
+    """Examples per set: the smaller of --limit and the task file's own `limit` (None: all)."""
+    return min((x for x in (settings.limit, task.limit) if x is not None), default=None)
 
 
 def perturbed_user(task: Task, example: Example, kind: str, seed: int) -> str:
@@ -543,7 +547,7 @@ def run_evaluation(settings: EvalSettings) -> dict:
         "reference": entries[0].label,
         "models": [],
         "tasks": [{"name": p.name, "type": p.task.type, "primary_metric": p.task.primary_metric,
-                   "limit": min((x for x in (settings.limit, p.task.limit) if x is not None), default=None),
+                   "limit": effective_limit(settings, p.task),
                    "n": len(p.main.examples), "file": p.task.file, "description": p.task.description,
                    **({"majority_baseline": S.majority_baseline(p.main.answer_index)}
                       if p.task.type == "classification" else {})} for p in prepared],
