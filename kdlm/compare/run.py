@@ -45,7 +45,9 @@ class Step:
     variant: Optional[str] = None
     seed: Optional[int] = None
     stage: str = ""  # setup | distill | eval
-    status_file: Optional[Path] = None
+    status_file: Optional[Path] = None  # a trained variant's status.json; None: a setup or baseline step
+    needs: tuple[str, ...] = ()  # names of the steps that must be done first
+    claim_file: Optional[Path] = None  # where a running `kdlm compare` claims a step without a status file
 
     def shell(self) -> str:
         return "kdlm " + " ".join(shlex.quote(a) for a in self.argv)
@@ -105,27 +107,33 @@ def plan_steps(grid: Grid, out: Path) -> list[Step]:
     out = Path(out)
     steps: list[Step] = []
     fixed: list[str] = []
+    claims = out / "claims"
     if grid.setup.generate:
         data = out / "setup" / "data"
         steps.append(Step("setup generate", ["generate", grid.setup.generate, *_sets(grid.setup.generate_set),
                                              "--set", f"output.dir={data}", "--set", "output.overwrite=true"],
-                          lambda d=data: _manifest_complete(d), stage="setup"))
+                          lambda d=data: _manifest_complete(d), stage="setup",
+                          claim_file=claims / "setup_generate.json"))
         fixed += [f"data.train={data}"]
     if grid.setup.student:
         student = out / "setup" / "student"
         steps.append(Step("setup student", ["init-student", *grid.setup.student, "--output", str(student), "--no-progress"],
-                          lambda s=student: (s / "prune_report.json").is_file(), stage="setup"))
+                          lambda s=student: (s / "prune_report.json").is_file(), stage="setup",
+                          claim_file=claims / "setup_student.json"))
         fixed += [o.replace("__setup_student__", str(student)) for o in variant_fixed_overrides(grid.setup)
                   if not o.startswith("data.train=")]
+    setup = tuple(s.name for s in steps)
     teacher_dir = teacher_eval_dir(out)
     reference = grid.teacher
     steps.append(Step("teacher eval", eval_argv(grid, [reference], teacher_dir, reference_from=None),
-                      lambda d=teacher_dir: eval_finished(d), variant="teacher", stage="eval"))
+                      lambda d=teacher_dir: eval_finished(d), variant="teacher", stage="eval",
+                      claim_file=claims / "teacher_eval.json"))
     if grid.baselines.get("initial"):
         initial = str(out / "setup" / "student") if grid.setup.student else _base_student(grid)
         d = out / "baselines" / "initial" / "eval"
         steps.append(Step("initial eval", eval_argv(grid, [reference, initial], d, reference_from=teacher_dir),
-                          lambda d=d: eval_finished(d), variant="initial", stage="eval"))
+                          lambda d=d: eval_finished(d), variant="initial", stage="eval",
+                          needs=(*setup, "teacher eval"), claim_file=claims / "initial_eval.json"))
     for v in grid.trained:
         for seed in grid.seeds:
             sd = seed_dir(out, v.name, seed)
@@ -136,10 +144,11 @@ def plan_steps(grid: Grid, out: Path) -> list[Step]:
             if has_checkpoint(run_dir) and not run_finished(run_dir):
                 argv.append("--resume")
             steps.append(Step(f"{v.name}/seed{seed} distill", argv, lambda r=run_dir: run_finished(r), v.name, seed,
-                              "distill", sd / "status.json"))
+                              "distill", sd / "status.json", needs=setup))
             steps.append(Step(f"{v.name}/seed{seed} eval", eval_argv(grid, [reference, str(run_dir)], ev,
                                                                      reference_from=teacher_dir),
-                              lambda e=ev: eval_finished(e), v.name, seed, "eval", sd / "status.json"))
+                              lambda e=ev: eval_finished(e), v.name, seed, "eval", sd / "status.json",
+                              needs=(f"{v.name}/seed{seed} distill", "teacher eval")))
     return steps
 
 
@@ -261,50 +270,100 @@ def run_command(argv: list[str], log: Path) -> tuple[int, str]:
     return proc.returncode, tail
 
 
-def run_grid(grid: Grid, out: Path, *, runner: Callable[[list[str], Path], tuple[int, str]] = run_command) -> Outcome:
-    """Run every step not yet done. A failed setup or teacher step stops the comparison (a KdlmError); a failed
-    variant is recorded in its status.json and the others go on."""
+def run_grid(grid: Grid, out: Path, *, runner: Callable[[list[str], Path], tuple[int, str]] = run_command,
+             poll_seconds: float = 15.0) -> Outcome:
+    """Run every step not yet done, in plan order. A failed setup or teacher step stops the comparison (a
+    KdlmError); a failed variant is recorded in its status.json and the others go on.
+
+    Several calls on one folder share the work: each claims a step before running it, skips steps another live
+    call holds, and waits (polling every `poll_seconds`) only when nothing else is left that it can run and a step
+    it still has to run needs one that another call is running (a variant's evaluation needs the teacher's)."""
     out = Path(out)
     _prepare_output(grid, out)
     outcome = Outcome()
     start = time.perf_counter()
-    failed: set[tuple] = set()
     steps = plan_steps(grid, out)
-    for i, step in enumerate(steps, 1):
-        key = (step.variant, step.seed)
-        if step.done():
-            _say(f"[{i}/{len(steps)}] {step.name}: done already, skipped")
-            if step.status_file and step.stage == "eval":
-                _write_status(step.status_file, {"status": "done", "error": None})
+    index = {s.name: i for i, s in enumerate(steps, 1)}
+    by_name = {s.name: s for s in steps}
+    failed: set[str] = set()  # steps that failed in this call, and those of their variant
+    failed_keys: set[tuple] = set()
+    ran: set[str] = set()
+    said: set[tuple[str, str]] = set()
+
+    def say_once(step: Step, what: str, text: str) -> None:
+        if (step.name, what) not in said:
+            said.add((step.name, what))
+            _say(f"[{index[step.name]}/{len(steps)}] {step.name}: {text}")
+
+    while True:
+        runnable, waiting_on = None, None
+        for step in steps:
+            if step.name in ran or step.name in failed:
+                continue
+            if step.done():
+                if (step.name, "done") not in said and step.status_file and step.stage == "eval":
+                    _write_status(step.status_file, {"status": "done", "error": None})
+                say_once(step, "done", "done already, skipped")
+                continue
+            if (step.variant, step.seed) in failed_keys or any(n in failed for n in step.needs):
+                failed.add(step.name)
+                continue
+            claim = step.status_file or step.claim_file
+            other = claimed_elsewhere(claim) if claim else None
+            if other is not None:
+                say_once(step, "claimed", f"being run by another kdlm compare (pid {other}), skipped")
+                continue
+            unmet = [n for n in step.needs if not by_name[n].done()]
+            if unmet:
+                waiting_on = waiting_on or (step, unmet[0])
+                continue
+            runnable = step
+            break
+        if runnable is None:
+            if waiting_on is None:
+                break
+            step, need = waiting_on
+            holder = claimed_elsewhere(by_name[need].status_file or by_name[need].claim_file)
+            if holder is None and need not in ran:
+                continue  # its holder stopped without finishing it: the next pass takes it over
+            if holder is None:
+                raise KdlmError(f"{step.name}: needs {need}, which finished without its output")
+            say_once(step, "waiting", f"waiting for {need} (run by pid {holder})")
+            time.sleep(poll_seconds)
             continue
-        if key in failed:
-            continue
-        other = claimed_elsewhere(step.status_file) if step.status_file else None
-        if other is not None:
-            _say(f"[{i}/{len(steps)}] {step.name}: being run by another kdlm compare (pid {other}), skipped")
-            continue
-        _say(f"[{i}/{len(steps)}] {step.name}: {step.shell()}")
-        if step.status_file:
-            _write_status(step.status_file, {"status": "running", "stage": step.stage, "error": None, **_claim()})
-        t0 = time.perf_counter()
-        code, stderr = runner(step.argv, out / "logs" / f"{step.name.replace('/', '_').replace(' ', '_')}.log")
-        seconds = time.perf_counter() - t0
-        if code != 0 or not step.done():
-            error = _error_line(stderr, code) if code != 0 else "finished without its output"
-            _say(f"[{i}/{len(steps)}] {step.name}: FAILED after {seconds:.0f} s: {error}")
-            if step.status_file is None:
-                raise KdlmError(f"{step.name} failed, so no variant can be compared: {error} "
-                                f"(log: {out / 'logs'})")
-            failed.add(key)
-            _write_status(step.status_file, {"status": "failed", "stage": step.stage, "error": error})
-            continue
-        _say(f"[{i}/{len(steps)}] {step.name}: done in {seconds:.0f} s")
-        if step.status_file:
-            _write_status(step.status_file, {"status": "done" if step.stage == "eval" else "trained", "error": None,
-                                             f"{step.stage}_seconds": round(seconds, 1),
-                                             **(_claim() if step.stage != "eval" else {})})
+        _run_step(runnable, index[runnable.name], len(steps), out, runner, failed, failed_keys)
+        ran.add(runnable.name)
     outcome.seconds = time.perf_counter() - start
     return outcome
+
+
+def _run_step(step: Step, i: int, n: int, out: Path, runner, failed: set[str], failed_keys: set[tuple]) -> None:
+    """Claim, run and record one step; a failure of a step without a status file (setup, baselines) raises."""
+    _say(f"[{i}/{n}] {step.name}: {step.shell()}")
+    claim = step.status_file or step.claim_file
+    if claim:
+        _write_status(claim, {"status": "running", "stage": step.stage, "error": None, **_claim()})
+    t0 = time.perf_counter()
+    try:
+        code, stderr = runner(step.argv, out / "logs" / f"{step.name.replace('/', '_').replace(' ', '_')}.log")
+    finally:
+        if step.claim_file and step.claim_file.is_file():
+            step.claim_file.unlink()
+    seconds = time.perf_counter() - t0
+    if code != 0 or not step.done():
+        error = _error_line(stderr, code) if code != 0 else "finished without its output"
+        _say(f"[{i}/{n}] {step.name}: FAILED after {seconds:.0f} s: {error}")
+        if step.status_file is None:
+            raise KdlmError(f"{step.name} failed, so no variant can be compared: {error} (log: {out / 'logs'})")
+        failed.add(step.name)
+        failed_keys.add((step.variant, step.seed))
+        _write_status(step.status_file, {"status": "failed", "stage": step.stage, "error": error})
+        return
+    _say(f"[{i}/{n}] {step.name}: done in {seconds:.0f} s")
+    if step.status_file:
+        _write_status(step.status_file, {"status": "done" if step.stage == "eval" else "trained", "error": None,
+                                         f"{step.stage}_seconds": round(seconds, 1),
+                                         **(_claim() if step.stage != "eval" else {})})
 
 
 def _prepare_output(grid: Grid, out: Path) -> None:

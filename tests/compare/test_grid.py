@@ -192,3 +192,49 @@ def test_two_calls_on_one_folder_share_the_variants(tmp_path, tiny_grid):
     assert [c[0] for c in runner.calls] == ["distill", "eval"]
     done = json.loads(status.read_text())
     assert done["status"] == "done" and "pid" not in done and "distill_seconds" in done and "eval_seconds" in done
+
+
+def test_a_second_call_trains_variants_while_the_first_evaluates_the_teacher(tmp_path, tiny_grid):
+    """The teacher's evaluation is claimed by another live call: this one trains the variants first, then waits for
+    the teacher's summary before the evaluations that need it, and never runs the teacher step itself."""
+    import socket
+    import subprocess
+
+    grid = load_grid(write_grid(tmp_path, tiny_grid, variants=[FKL]))
+    out = tmp_path / "out"
+    teacher = out / "baselines" / "teacher" / "eval"
+    # stands in for the other call: it finishes the teacher's evaluation after a moment
+    other = subprocess.Popen(["sh", "-c", f"sleep 1.5; mkdir -p '{teacher}'; echo '{{}}' > '{teacher}/summary.json'"])
+    try:
+        claim = out / "claims" / "teacher_eval.json"
+        claim.parent.mkdir(parents=True)
+        claim.write_text(json.dumps({"status": "running", "stage": "eval", "pid": other.pid,
+                                     "host": socket.gethostname()}))
+        runner = FakeRunner()
+        run_grid(grid, out, runner=runner, poll_seconds=0.2)
+    finally:
+        other.kill()
+        other.wait()
+    outputs = [c[c.index("--output") + 1] if "--output" in c else
+               next(a for a in c if a.startswith("output.dir=")) for c in runner.calls]
+    assert not any(o.endswith("baselines/teacher/eval") for o in outputs)
+    kinds = [c[0] for c in runner.calls]
+    assert kinds == ["distill", "distill", "eval", "eval", "eval"]  # both trainings before any evaluation
+    assert (teacher / "summary.json").is_file() and all((Path(o) / "summary.json").is_file() for o in outputs[2:])
+
+
+def test_a_dead_callers_claim_on_the_teacher_step_is_taken_over(tmp_path, tiny_grid):
+    import socket
+    import subprocess
+
+    grid = load_grid(write_grid(tmp_path, tiny_grid, variants=[FKL]))
+    out = tmp_path / "out"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    claim = out / "claims" / "teacher_eval.json"
+    claim.parent.mkdir(parents=True)
+    claim.write_text(json.dumps({"status": "running", "pid": dead.pid, "host": socket.gethostname()}))
+    runner = FakeRunner()
+    run_grid(grid, out, runner=runner, poll_seconds=0.2)
+    assert runner.calls[0][runner.calls[0].index("--output") + 1].endswith("baselines/teacher/eval")
+    assert not claim.exists()  # the claim of a finished step is removed
