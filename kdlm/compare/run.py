@@ -312,6 +312,7 @@ def run_grid(grid: Grid, out: Path, *, runner: Callable[[list[str], Path], tuple
             other = claimed_elsewhere(claim) if claim else None
             if other is not None:
                 say_once(step, "claimed", f"being run by another kdlm compare (pid {other}), skipped")
+                _warn_threads_once(said)
                 continue
             unmet = [n for n in step.needs if not by_name[n].done()]
             if unmet:
@@ -335,6 +336,15 @@ def run_grid(grid: Grid, out: Path, *, runner: Callable[[list[str], Path], tuple
         ran.add(runnable.name)
     outcome.seconds = time.perf_counter() - start
     return outcome
+
+
+def _warn_threads_once(said: set) -> None:
+    """Two calls sharing one machine each start PyTorch with a thread per core unless told otherwise: oversubscribed
+    cores run both slower (and skew the efficiency figures), so say how to split them."""
+    if "OMP_NUM_THREADS" not in os.environ and ("", "threads") not in said:
+        said.add(("", "threads"))
+        _say(f"another kdlm compare shares this folder, and OMP_NUM_THREADS is not set: each call's steps use all "
+             f"{os.cpu_count()} cores; set OMP_NUM_THREADS to each call's share of them")
 
 
 def _run_step(step: Step, i: int, n: int, out: Path, runner, failed: set[str], failed_keys: set[tuple]) -> None:

@@ -168,7 +168,7 @@ def test_a_comparison_folder_of_another_grid_is_refused(tmp_path, tiny_grid):
         run_grid(other, out, runner=FakeRunner())
 
 
-def test_two_calls_on_one_folder_share_the_variants(tmp_path, tiny_grid):
+def test_two_calls_on_one_folder_share_the_variants(tmp_path, tiny_grid, monkeypatch, capsys):
     import socket
     import subprocess
 
@@ -181,7 +181,9 @@ def test_two_calls_on_one_folder_share_the_variants(tmp_path, tiny_grid):
         status.write_text(json.dumps({"status": "running", "stage": "distill", "pid": other.pid,
                                       "host": socket.gethostname()}))
         runner = FakeRunner()
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         run_grid(grid, out, runner=runner)
+        assert "OMP_NUM_THREADS is not set" in capsys.readouterr().err  # two calls would oversubscribe the cores
         assert not any("forward_kl" in " ".join(c) for c in runner.calls)  # left to its holder
         assert any("variants/sft" in " ".join(c) for c in runner.calls)
     finally:
