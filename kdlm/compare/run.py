@@ -303,7 +303,8 @@ def run_grid(grid: Grid, out: Path, *, runner: Callable[[list[str], Path], tuple
             if step.done():
                 if (step.name, "done") not in said and step.status_file and step.stage == "eval":
                     _write_status(step.status_file, {"status": "done", "error": None})
-                say_once(step, "done", "done already, skipped")
+                say_once(step, "done", "done by another kdlm compare" if (step.name, "claimed") in said
+                         else "done already, skipped")
                 continue
             if (step.variant, step.seed) in failed_keys or any(n in failed for n in step.needs):
                 failed.add(step.name)
