@@ -33,6 +33,13 @@ NAMES = {"rouge_l": "ROUGE-L", "token_f1": "token F1", "exact_match": "exact mat
          "judge_win_rate": "judge win rate vs teacher", "asr": "ASR", "drop": "drop"}
 
 
+def ood_drop(metric: str, in_distribution: float, shifted: float) -> float:
+    """How much worse `metric` is on the shifted set, in its own units, > 0 always meaning worse: in - shifted for
+    a metric where higher is better (accuracy), shifted - in where lower is (perplexity), so that the smallest drop
+    is the most robust variant whatever the task's metric."""
+    return shifted - in_distribution if metric in LOWER else in_distribution - shifted
+
+
 @dataclass
 class Source:
     """One model's evaluation folder and the label it has there."""
@@ -179,7 +186,8 @@ def collect(grid: Grid, out: Path, *, resamples: int = S.DEFAULT_RESAMPLES) -> d
                         ins, shifted = main.get(task["primary_metric"]), subset.get(task["primary_metric"])
                         if kind == "ood" and ins is not None and shifted is not None:
                             key = f"{task['name']}/ood:{set_name}/drop"
-                            point_only.setdefault(name, {}).setdefault(key, []).append(ins.point() - shifted.point())
+                            point_only.setdefault(name, {}).setdefault(key, []).append(
+                                ood_drop(task["primary_metric"], ins.point(), shifted.point()))
                 found.update(_prefixed(task, _asr_stats(src, task)))
                 for key, stat in found.items():
                     stat_table.setdefault(name, {}).setdefault(key, []).append(stat)

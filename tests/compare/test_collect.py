@@ -127,3 +127,13 @@ def test_a_variant_that_stopped_before_its_token_budget_is_noted(tmp_path, tiny_
     result = collect(grid, out, resamples=100)
     assert result["notes"] == ["kd: trained on 50 counted tokens, less than the budget of 1000: it reached "
                                "train.max_steps first (raise it in the base recipe)"]
+
+
+def test_the_ood_drop_is_positive_when_the_shifted_set_is_worse_whatever_the_metric():
+    from kdlm.compare.collect import LOWER, ood_drop
+
+    assert "drop" in LOWER  # ranked lower-is-better, so the orientation below decides the best variant
+    assert ood_drop("balanced_accuracy", 0.8, 0.6) == pytest.approx(0.2)
+    assert ood_drop("perplexity", 12.0, 300.0) == pytest.approx(288.0)  # perplexity rises OOD: a drop of 288
+    assert ood_drop("perplexity", 12.0, 10.0) == pytest.approx(-2.0)
+    assert ood_drop("rouge_l", 0.3, 0.35) == pytest.approx(-0.05)
