@@ -9,6 +9,7 @@ failed or out-of-memory variant cannot take the others down), then collect compa
     OUT/variants/<name>/seed<k>/run/      a `kdlm distill` run folder
     OUT/variants/<name>/seed<k>/eval/     its `kdlm eval` folder
     OUT/variants/<name>/seed<k>/status.json   done | failed (+ error) | running
+    OUT/claims/<step>.json                the pid of the call running a setup or baseline step
     OUT/compare.json, OUT/report/         the comparison and its report
 
 Resumable: a step whose output is complete is skipped; a distillation with a checkpoint but no final model is
