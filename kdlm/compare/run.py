@@ -286,9 +286,7 @@ def run_grid(grid: Grid, out: Path, *, runner: Callable[[list[str], Path], tuple
     steps = plan_steps(grid, out)
     index = {s.name: i for i, s in enumerate(steps, 1)}
     by_name = {s.name: s for s in steps}
-    failed: set[str] = set()  # steps that failed in this call, and those of their variant
-    failed_keys: set[tuple] = set()
-    ran: set[str] = set()
+    failed: set[str] = set()  # steps that failed in this call, and those that need one of them
     said: set[tuple[str, str]] = set()
 
     def say_once(step: Step, what: str, text: str) -> None:
@@ -299,7 +297,7 @@ def run_grid(grid: Grid, out: Path, *, runner: Callable[[list[str], Path], tuple
     while True:
         runnable, waiting_on = None, None
         for step in steps:
-            if step.name in ran or step.name in failed:
+            if step.name in failed:
                 continue
             if step.done():
                 if (step.name, "done") not in said and step.status_file and step.stage == "eval":
@@ -307,7 +305,7 @@ def run_grid(grid: Grid, out: Path, *, runner: Callable[[list[str], Path], tuple
                 say_once(step, "done", "done by another kdlm compare" if (step.name, "claimed") in said
                          else "done already, skipped")
                 continue
-            if (step.variant, step.seed) in failed_keys or any(n in failed for n in step.needs):
+            if any(n in failed for n in step.needs):
                 failed.add(step.name)
                 continue
             claim = step.status_file or step.claim_file
@@ -327,15 +325,13 @@ def run_grid(grid: Grid, out: Path, *, runner: Callable[[list[str], Path], tuple
                 break
             step, need = waiting_on
             holder = claimed_elsewhere(by_name[need].status_file or by_name[need].claim_file)
-            if holder is None and need not in ran:
-                continue  # its holder stopped without finishing it: the next pass takes it over
             if holder is None:
-                raise KdlmError(f"{step.name}: needs {need}, which finished without its output")
+                continue  # its holder stopped or just finished: the next pass runs it or goes on
             say_once(step, "waiting", f"waiting for {need} (run by pid {holder})")
             time.sleep(poll_seconds)
             continue
-        _run_step(runnable, index[runnable.name], len(steps), out, runner, failed, failed_keys)
-        ran.add(runnable.name)
+        if not _run_step(runnable, index[runnable.name], len(steps), out, runner):
+            failed.add(runnable.name)
     outcome.seconds = time.perf_counter() - start
     return outcome
 
@@ -349,8 +345,9 @@ def _warn_threads_once(said: set) -> None:
              f"{os.cpu_count()} cores; set OMP_NUM_THREADS to each call's share of them")
 
 
-def _run_step(step: Step, i: int, n: int, out: Path, runner, failed: set[str], failed_keys: set[tuple]) -> None:
-    """Claim, run and record one step; a failure of a step without a status file (setup, baselines) raises."""
+def _run_step(step: Step, i: int, n: int, out: Path, runner) -> bool:
+    """Claim, run and record one step; False when it failed. A failure of a step without a status file (setup,
+    baselines) raises instead: no variant can be compared without it."""
     _say(f"[{i}/{n}] {step.name}: {step.shell()}")
     claim = step.status_file or step.claim_file
     if claim:
@@ -367,15 +364,14 @@ def _run_step(step: Step, i: int, n: int, out: Path, runner, failed: set[str], f
         _say(f"[{i}/{n}] {step.name}: FAILED after {seconds:.0f} s: {error}")
         if step.status_file is None:
             raise KdlmError(f"{step.name} failed, so no variant can be compared: {error} (log: {out / 'logs'})")
-        failed.add(step.name)
-        failed_keys.add((step.variant, step.seed))
         _write_status(step.status_file, {"status": "failed", "stage": step.stage, "error": error})
-        return
+        return False
     _say(f"[{i}/{n}] {step.name}: done in {seconds:.0f} s")
     if step.status_file:
         _write_status(step.status_file, {"status": "done" if step.stage == "eval" else "trained", "error": None,
                                          f"{step.stage}_seconds": round(seconds, 1),
                                          **(_claim() if step.stage != "eval" else {})})
+    return True
 
 
 def _prepare_output(grid: Grid, out: Path) -> None:
